@@ -1,0 +1,32 @@
+"""Deterministic crash points for fault drills: kill this process at an exact phase of the protocol.
+
+`FTMEM_CRASH_AT="point@step[@rank],..."` arms points; each fires at most once per `FTMEM_CRASH_MARKER` path (a
+file created when it fires), so the restarted process runs on instead of crashing again. Unset, it costs one
+dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+POINTS = ("mid_copy", "before_local_commit", "after_local_commit", "smp_after_local_commit")
+
+
+def crash_point(point: str, step: int, rank: int | None = None) -> None:
+    spec = os.environ.get("FTMEM_CRASH_AT")
+    if not spec:
+        return
+    for item in spec.split(","):
+        fields = item.strip().split("@")
+        if fields[0] != point or int(fields[1]) != step:
+            continue
+        if len(fields) > 2 and rank is not None and int(fields[2]) != rank:
+            continue
+        marker = os.environ.get("FTMEM_CRASH_MARKER")
+        if marker:
+            try:
+                os.close(os.open(f"{marker}.{point}.{step}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                return
+        os.kill(os.getpid(), signal.SIGKILL)

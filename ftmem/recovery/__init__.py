@@ -1,0 +1,1 @@
+"""Restoring state: agreeing on a step, choosing its source, loading and verifying it."""

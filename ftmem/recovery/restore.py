@@ -1,0 +1,172 @@
+"""Rank-side restore: agree with every other rank on one step, then load this rank's part of it.
+
+Agreement needs no coordinator: each rank lists the (step, epoch) snapshots its SMP can produce for it, the
+lists are all-gathered, and every rank picks the newest snapshot present on all lists. A snapshot complete on
+every rank is by definition committed. Each restore starts a new epoch, so completions left over from the
+abandoned timeline (steps after the restored one) can never be mixed with new ones.
+
+Each phase ends in a collective that also carries failures, so one rank's error stops every rank with a clear
+message instead of leaving the others blocked in a collective.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+from ftmem.log import get_logger
+from ftmem.smp.layout import HEADER_SIZE, BufferState, Descriptor, Header
+from ftmem.smp.protocol import ControlClient
+from ftmem.smp.shm import Segment
+from ftmem.snapshot.capture import Stateful, apply_snapshot
+
+log = get_logger("restore")
+MAX_CANDIDATES = 16
+
+
+class CorruptSnapshotError(RuntimeError):
+    """Bytes of a snapshot no longer match their checksums."""
+
+
+class RestoreError(RuntimeError):
+    """Some rank could not restore; raised on every rank."""
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    step: int | None
+    epoch: int
+    source: str
+    nbytes: int
+    seconds: float
+
+    @property
+    def next_step(self) -> int:
+        return 0 if self.step is None else self.step + 1
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_gather_rows(row: torch.Tensor, world: int) -> list[torch.Tensor]:
+    if world == 1:
+        return [row]
+    if not dist.is_initialized():
+        raise RestoreError("ftmem: restore() with WORLD_SIZE > 1 needs torch.distributed initialized "
+                           "(call dist.init_process_group first)")
+    device = _collective_device()
+    row = row.to(device)
+    rows = [torch.empty_like(row) for _ in range(world)]
+    dist.all_gather(rows, row)
+    return [r.cpu() for r in rows]
+
+
+def _agree(local: tuple[int, list[list[int]]] | str, world: int) -> tuple[tuple[int, int] | None, int]:
+    """Return the newest (step, epoch) on every rank's list and the new epoch; `local` is an error string when
+    this rank failed before agreement."""
+    row = torch.full((2 + 2 * MAX_CANDIDATES,), -1, dtype=torch.int64)
+    if isinstance(local, str):
+        row[1] = -2
+    else:
+        epoch, steps = local
+        steps = steps[:MAX_CANDIDATES]
+        row[0], row[1] = epoch, len(steps)
+        for i, (s, e) in enumerate(steps):
+            row[2 + 2 * i], row[3 + 2 * i] = s, e
+    rows = _all_gather_rows(row, world)
+    failed = [r for r, x in enumerate(rows) if int(x[1]) == -2]
+    if failed:
+        detail = local if isinstance(local, str) else "see the log of the failed ranks"
+        raise RestoreError(f"ftmem: restore failed on rank(s) {failed}: {detail}")
+    lists = [{(int(x[2 + 2 * i]), int(x[3 + 2 * i])) for i in range(int(x[1]))} for x in rows]
+    common = set.intersection(*lists)
+    best = max(common) if common else None
+    return best, max(int(x[0]) for x in rows) + 1
+
+
+def _agree_ok(error: str | None, world: int) -> None:
+    row = torch.tensor([0 if error is None else 1], dtype=torch.int64)
+    failed = [r for r, x in enumerate(_all_gather_rows(row, world)) if int(x[0])]
+    if failed:
+        raise RestoreError(f"ftmem: restore failed on rank(s) {failed}: {error or 'see the log of those ranks'}")
+
+
+def load_segment(name: str, rank: int, step: int) -> tuple[dict[str, torch.Tensor], bytes, int]:
+    """Verify and read one rank's snapshot from a shared-memory buffer: (tensors, meta, payload bytes)."""
+    seg = Segment.open(name, populate=False)
+    try:
+        header = Header.unpack(seg.buf[:HEADER_SIZE])
+        if header.state != BufferState.COMPLETE or header.step != step or header.rank != rank:
+            raise CorruptSnapshotError(f"ftmem: buffer {name} holds step {header.step} of rank {header.rank} "
+                                       f"({header.state.name}), not step {step} of rank {rank}")
+        with memoryview(seg.buf) as mv:
+            payload = mv[HEADER_SIZE: HEADER_SIZE + header.payload_len]
+            desc = Descriptor.unpack(payload[header.desc_off: header.desc_off + header.desc_len])
+            bad = header.bad_chunks(payload)
+            del payload
+        if bad:
+            hit = sorted({n for i in bad for n in desc.entries_in(i * header.chunk_size, (i + 1) * header.chunk_size)})
+            raise CorruptSnapshotError(f"ftmem: snapshot of step {step} for rank {rank} is corrupt: checksum "
+                                       f"mismatch in {len(bad)} chunk(s) covering {', '.join(hit)}")
+        tensors = {}
+        for e in desc.entries:
+            dtype = getattr(torch, e.dtype)
+            if e.nbytes:
+                view = torch.frombuffer(seg.buf, dtype=torch.uint8, count=e.nbytes, offset=HEADER_SIZE + e.offset)
+                tensors[e.name] = view.view(dtype).view(e.shape).clone()
+                del view
+            else:
+                tensors[e.name] = torch.empty(e.shape, dtype=dtype)
+        return tensors, desc.meta, header.payload_len
+    finally:
+        seg.close()
+
+
+def restore_rank(client: ControlClient, rank: int, world: int, local_rank: int, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, extra: Mapping[str, Stateful]) -> RestoreResult:
+    start = time.perf_counter()
+    local: tuple[int, list[list[int]]] | str
+    try:
+        client.call("register", rank=rank, world=world, local_rank=local_rank, pid=os.getpid())
+        reply = client.call("available", rank=rank)
+        local = (reply["epoch"], reply["steps"])
+    except Exception as exc:  # reported to every rank by _agree
+        local = f"{type(exc).__name__}: {exc}"
+    chosen, epoch = _agree(local, world)
+    error, source, nbytes = None, "none", 0
+    try:
+        step = -1 if chosen is None else chosen[0]
+        while True:
+            reply = client.call("begin", rank=rank, step=step, epoch=epoch)
+            if chosen is None:
+                break
+            source = reply["source"]
+            try:
+                tensors, meta, nbytes = load_segment(reply["segment"], rank, step)
+                break
+            except CorruptSnapshotError as exc:
+                log.error("%s", exc)
+                if not client.call("corrupt", rank=rank, step=step, detail=str(exc))["retry"]:
+                    raise
+        if chosen is not None:
+            apply_snapshot(tensors, meta, model, optimizer, extra)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("rank %d could not restore: %s", rank, error)
+    _agree_ok(error, world)
+    result = RestoreResult(None if chosen is None else chosen[0], epoch, source, nbytes,
+                           time.perf_counter() - start)
+    if chosen is None:
+        log.info("rank %d: no snapshot to restore, starting at step 0", rank)
+    else:
+        log.info("rank %d restored step %d from %s: %d bytes in %.3fs", rank, result.step, source, nbytes,
+                 result.seconds)
+    return result

@@ -1,0 +1,1 @@
+"""The snapshot-management process (SMP): owns a node's shared-memory snapshot buffers."""

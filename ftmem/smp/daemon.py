@@ -1,0 +1,313 @@
+"""The SMP daemon: one per node, serving its ranks over a zmq ipc socket from a single-threaded event loop.
+
+It owns the node's snapshot buffers (BufferStore), decides which buffer a rank writes next and when a step is
+committed (CommitTracker), and keeps serving whatever a client sends: a bad request gets an error reply and
+changes nothing. All of its state that matters lives in shared memory, so a restarted daemon re-adopts it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import zmq
+
+from ftmem.env import NodeEnv
+from ftmem.faults import crash_point
+from ftmem.log import get_logger
+from ftmem.smp.buffers import BufferStore
+from ftmem.smp.commit import CommitTracker, reusable
+from ftmem.smp.layout import BufferState, Header, MAX_CHUNKS
+from ftmem.smp.protocol import CONTROL_SCHEMA, MAX_CONTROL_BYTES, ProtocolError, decode, encode
+
+log = get_logger("smp")
+TICK_MS = 200
+
+
+class RequestError(Exception):
+    """A well-formed request that cannot be served; its text goes back to the client."""
+
+
+@dataclass
+class _Pending:
+    identity: bytes
+    msg: dict[str, Any]
+    deadline: float
+
+
+@dataclass
+class _RankInfo:
+    pid: int
+    local_rank: int
+    closed: bool = False
+
+
+class SnapshotDaemon:
+    def __init__(self, env: NodeEnv, *, buffers: int = 2, timeout: float = 300.0,
+                 exit_when_done: bool = False, parent_pid: int | None = None) -> None:
+        self.env = env
+        self.timeout = timeout
+        self.exit_when_done = exit_when_done
+        self.parent_pid = parent_pid
+        self.store = BufferStore(env.segment_prefix, buffers)
+        self.tracker = CommitTracker()
+        self.ranks: dict[int, _RankInfo] = {}
+        self.pending: list[_Pending] = []
+        self._stop: bool | None = None  # None: running; else whether to unlink segments on exit
+        self._lock_fd: int | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+
+    def acquire_lock(self) -> bool:
+        """Only one SMP per job and node: the lock is held for the daemon's lifetime (released on death)."""
+        fd = os.open(self.env.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    def run(self) -> None:
+        adopted = self.store.adopt()
+        for rank, rb in self.store.ranks.items():
+            self.tracker.set_complete(rank, rb.complete())
+            self.tracker.world = max(self.tracker.world or 0,
+                                     max((b.header.world for b in rb.buffers), default=0)) or None
+        self.tracker.evaluate()
+        if adopted:
+            log.info("re-adopted %d verified snapshot(s) of job %s node %d; committed step %s",
+                     adopted, self.env.job, self.env.node, self.tracker.committed)
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_BYTES + 1024)
+        if os.path.exists(self.env.socket_path):
+            os.unlink(self.env.socket_path)  # stale: we hold the lock, so no live SMP owns it
+        sock.bind(self.env.control_address)
+        self._write_info()
+        signal.signal(signal.SIGTERM, lambda *_: self._request_stop(False))
+        log.info("serving job %s node %d at %s (pid %d)", self.env.job, self.env.node,
+                 self.env.control_address, os.getpid())
+        try:
+            self._loop(sock)
+        finally:
+            sock.close(0)
+            cleanup = bool(self._stop)
+            self.store.close(unlink_all=cleanup)
+            for path in (self.env.info_path, self.env.socket_path):
+                if os.path.exists(path):
+                    os.unlink(path)
+            log.info("stopped (%s)", "segments removed" if cleanup else "segments kept")
+
+    def _write_info(self) -> None:
+        tmp = self.env.info_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"pid": os.getpid(), "job": self.env.job, "node": self.env.node,
+                       "control": self.env.control_address, "parent_pid": self.parent_pid}, f)
+        os.replace(tmp, self.env.info_path)
+
+    def _request_stop(self, cleanup: bool) -> None:
+        self._stop = cleanup
+
+    def _loop(self, sock: zmq.Socket) -> None:
+        while self._stop is None:
+            if sock.poll(TICK_MS):
+                while True:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle(sock, frames)
+            self._tick(sock)
+
+    def _tick(self, sock: zmq.Socket) -> None:
+        self._retry_pending(sock)
+        if self.parent_pid is not None and not psutil.pid_exists(self.parent_pid):
+            log.warning("launcher (pid %d) is gone; exiting and keeping the segments", self.parent_pid)
+            self._request_stop(False)
+
+    # ---- request handling ------------------------------------------------------------------------------------
+
+    def _handle(self, sock: zmq.Socket, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            log.warning("dropped a message of %d frames (expected one)", len(frames) - 1)
+            return
+        identity, data = frames
+        try:
+            msg = decode(data, CONTROL_SCHEMA, MAX_CONTROL_BYTES)
+        except ProtocolError as exc:
+            log.warning("rejected a malformed request: %s", exc)
+            sock.send_multipart([identity, encode({"id": _loose_id(data), "ok": False, "error": str(exc)})])
+            return
+        self._serve(sock, identity, msg)
+
+    def _serve(self, sock: zmq.Socket, identity: bytes, msg: dict[str, Any]) -> bool:
+        """Answer `msg` unless it must wait; True when answered."""
+        try:
+            reply = getattr(self, f"_op_{msg['op']}")(msg)
+        except RequestError as exc:
+            reply = {"ok": False, "error": str(exc)}
+        if reply is None:
+            if not any(p.msg["id"] == msg["id"] for p in self.pending):
+                self.pending.append(_Pending(identity, msg, time.monotonic() + self.timeout))
+            return False
+        reply.setdefault("ok", True)
+        sock.send_multipart([identity, encode({"id": msg["id"], **reply})])
+        return True
+
+    def _retry_pending(self, sock: zmq.Socket) -> None:
+        waiting, self.pending = self.pending, []
+        now = time.monotonic()
+        for p in waiting:
+            if now > p.deadline:
+                sock.send_multipart([p.identity, encode({"id": p.msg["id"], "ok": False,
+                                                         "error": self._stuck_reason(p.msg)})])
+            elif not self._serve(sock, p.identity, p.msg):
+                self.pending[-1].deadline = p.deadline
+
+    def _stuck_reason(self, msg: dict[str, Any]) -> str:
+        rb = self.store.of(msg["rank"])
+        newest = max((b.complete_step for b in rb.buffers if b.complete_step is not None), default=None)
+        epoch = self.tracker.epoch
+        missing = self.tracker.missing(newest, epoch) if newest is not None else []
+        return (f"timed out after {self.timeout:.0f}s waiting for step {newest} to commit before rank "
+                f"{msg['rank']} may write step {msg['step']}; ranks that have not completed it: {missing}")
+
+    # ---- ops -------------------------------------------------------------------------------------------------
+
+    def _op_ping(self, msg):
+        return {"pid": os.getpid()}
+
+    def _op_status(self, msg):
+        return {"job": self.env.job, "node": self.env.node, "pid": os.getpid(), "epoch": self.tracker.epoch,
+                "committed": self.tracker.committed, "world": self.tracker.world, "shm_bytes": self.store.nbytes(),
+                "ranks": {str(r): {"pid": info.pid, "closed": info.closed,
+                                   "steps": sorted(s for s, _ in self.store.of(r).complete())}
+                          for r, info in sorted(self.ranks.items())}}
+
+    def _op_register(self, msg):
+        rank, world = msg["rank"], msg["world"]
+        if not 0 <= rank < world:
+            raise RequestError(f"rank {rank} is outside a world of {world}")
+        if self.tracker.world not in (None, world):
+            log.warning("world size changed from %s to %d; older snapshots cannot be restored", self.tracker.world,
+                        world)
+        self.tracker.world = world
+        self.ranks[rank] = _RankInfo(msg["pid"], msg["local_rank"])
+        rb = self.store.of(rank)
+        for buf in rb.buffers:
+            if buf.header.state == BufferState.WRITING:
+                rb.invalidate(buf)  # left by a previous incarnation that died mid-copy
+        return {}
+
+    def _op_available(self, msg):
+        snaps = sorted(self.store.of(msg["rank"]).complete(), reverse=True)
+        return {"epoch": self.tracker.epoch, "steps": [list(s) for s in snaps]}
+
+    def _op_begin(self, msg):
+        rank, step, epoch = msg["rank"], msg["step"], msg["epoch"]
+        restart = None if step < 0 else step
+        if epoch > self.tracker.epoch or self.tracker.committed != restart:
+            self.tracker.restart_at(restart, epoch)
+        rb = self.store.of(rank)
+        for buf in rb.buffers:
+            if buf.header.state != BufferState.EMPTY and (restart is None or buf.header.step > restart):
+                rb.invalidate(buf)
+        self._update_complete(rank)
+        if restart is None:
+            return {"source": "none"}
+        buf = rb.holding(restart)
+        if buf is None:
+            raise RequestError(f"rank {rank} has no snapshot of step {step} on node {self.env.node}")
+        return {"source": "local memory", "segment": buf.segment.name}
+
+    def _op_corrupt(self, msg):
+        rb = self.store.of(msg["rank"])
+        buf = rb.holding(msg["step"])
+        log.error("rank %d reports its snapshot of step %d corrupt: %s", msg["rank"], msg["step"], msg["detail"])
+        if buf is not None:
+            rb.invalidate(buf)
+            self._update_complete(msg["rank"])
+        return {"retry": False}
+
+    def _op_prepare(self, msg):
+        rank, step, epoch, nbytes = msg["rank"], msg["step"], msg["epoch"], msg["nbytes"]
+        if epoch < self.tracker.epoch:
+            raise RequestError(f"rank {rank} writes epoch {epoch} but the job restarted in epoch "
+                               f"{self.tracker.epoch}; this process is stale")
+        rb = self.store.of(rank)
+        buf = rb.writing(step, epoch)
+        if buf is None:
+            steps = [b.complete_step for b in rb.buffers]
+            newest = max((s for s in steps if s is not None), default=None)
+            free = reusable(steps, self.tracker.committed, newest)
+            if not free:
+                return None  # wait until the newest step commits
+            buf = rb.buffers[free[0]]
+            self.store.ensure_size(rank, buf, nbytes)
+            buf.write_header(Header(BufferState.WRITING, rank=rank, world=self.tracker.world or 0, step=step,
+                                    epoch=epoch))
+            self._update_complete(rank)
+        return {"buffer": buf.index, "segment": buf.segment.name}
+
+    def _op_commit(self, msg):
+        rank, step, epoch = msg["rank"], msg["step"], msg["epoch"]
+        rb = self.store.of(rank)
+        if (step, epoch) in rb.complete():
+            return {}
+        buf = rb.writing(step, epoch)
+        if buf is None:
+            raise RequestError(f"rank {rank} commits step {step} (epoch {epoch}) that it never prepared")
+        crcs = msg["crcs"]
+        n = len(crcs) // 4
+        if len(crcs) % 4 or n > MAX_CHUNKS or msg["chunk_size"] <= 0:
+            raise RequestError("commit: malformed checksum table")
+        if n * msg["chunk_size"] < msg["payload_len"] or msg["desc_off"] + msg["desc_len"] > msg["payload_len"] \
+                or msg["payload_len"] + 4096 > buf.segment.size:
+            raise RequestError("commit: payload, descriptor and checksums do not fit the buffer")
+        buf.write_header(Header(BufferState.COMPLETE, rank=rank, world=self.tracker.world or 0, step=step,
+                                epoch=epoch, payload_len=msg["payload_len"], desc_off=msg["desc_off"],
+                                desc_len=msg["desc_len"], chunk_size=msg["chunk_size"],
+                                crcs=list(struct.unpack(f"<{n}I", crcs))))
+        self._update_complete(rank)
+        crash_point("smp_after_local_commit", step)
+        return {}
+
+    def _op_close(self, msg):
+        info = self.ranks.get(msg["rank"])
+        if info is not None:
+            info.closed = True
+        world = self.tracker.world or 0
+        if self.exit_when_done and world and all(self.ranks.get(r) and self.ranks[r].closed for r in range(world)):
+            keep = os.environ.get("FTMEM_KEEP") == "1"
+            log.info("every rank of job %s closed; exiting", self.env.job)
+            self._request_stop(not keep)
+        return {}
+
+    def _op_shutdown(self, msg):
+        self._request_stop(msg["cleanup"])
+        return {}
+
+    def _update_complete(self, rank: int) -> None:
+        self.tracker.set_complete(rank, self.store.of(rank).complete())
+        self.tracker.evaluate()
+
+
+def _loose_id(data: bytes) -> int:
+    """The request id of a message that failed validation, when one can be found."""
+    try:
+        import msgpack
+
+        msg = msgpack.unpackb(data, raw=False)
+        return msg["id"] if isinstance(msg, dict) and type(msg.get("id")) is int else -1
+    except Exception:
+        return -1

@@ -1,0 +1,178 @@
+"""The copy engine: moves a snapshot's tensor bytes into SMP-owned shared memory off the training path.
+
+One background thread per rank runs each snapshot through prepare (the SMP picks a free buffer) -> copy ->
+checksum -> local commit. On CPU the thread copies with `Tensor.copy_` (memcpy, GIL released). On CUDA it
+issues device-to-host copies on a side stream into host memory registered with `cudaHostRegister`, so the
+training stream only waits on a CUDA event, never the host. The optimizer step pre-hook calls
+`wait_released()`: the only point where training can block.
+"""
+
+from __future__ import annotations
+
+import queue
+import struct
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from ftmem.faults import crash_point
+from ftmem.smp.layout import HEADER_SIZE, chunk_crcs, chunk_size_for
+from ftmem.smp.protocol import ControlClient
+from ftmem.smp.shm import Segment
+from ftmem.snapshot.plan import LayoutPlan
+
+
+@dataclass
+class SnapshotJob:
+    step: int
+    epoch: int
+    plan: LayoutPlan
+    sources: list[torch.Tensor]
+    descriptor: bytes
+    ready: torch.cuda.Event | None = None  # CUDA: recorded on the training stream once sources are final
+    released: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    copied: torch.cuda.Event | None = None  # CUDA: recorded on the side stream after the last copy
+
+    @property
+    def desc_off(self) -> int:
+        return self.plan.data_bytes
+
+    @property
+    def payload_len(self) -> int:
+        return self.plan.data_bytes + len(self.descriptor)
+
+
+class _Mapping:
+    """One SMP buffer mapped here, as a byte tensor over its payload (registered with CUDA when used)."""
+
+    def __init__(self, name: str, cuda: bool) -> None:
+        self.segment = Segment.open(name, populate=True)
+        self.payload = torch.frombuffer(self.segment.buf, dtype=torch.uint8,
+                                        count=self.segment.size - HEADER_SIZE, offset=HEADER_SIZE)
+        self._registered = False
+        if cuda:
+            _check(torch.cuda.cudart().cudaHostRegister(self.payload.data_ptr(), self.payload.numel(), 0))
+            self._registered = True
+
+    def close(self) -> None:
+        if self._registered:
+            _check(torch.cuda.cudart().cudaHostUnregister(self.payload.data_ptr()))
+        del self.payload
+        self.segment.close()
+
+
+def _check(rc) -> None:
+    code = getattr(rc, "value", rc)
+    if code != 0:
+        raise RuntimeError(f"ftmem: CUDA host registration failed with cudaError {code}")
+
+
+class CopyEngine:
+    """Runs snapshot jobs in order on one worker thread; errors surface at the next call from training."""
+
+    def __init__(self, client: ControlClient, rank: int, cuda: bool, timeout: float) -> None:
+        self._client = client
+        self._rank = rank
+        self._cuda = cuda
+        self._timeout = timeout
+        self._stream = torch.cuda.Stream() if cuda else None
+        self._maps: dict[int, tuple[str, _Mapping]] = {}
+        self._jobs: queue.Queue[SnapshotJob | None] = queue.Queue()
+        self._last: SnapshotJob | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name=f"ftmem-copy-r{rank}", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: SnapshotJob) -> None:
+        self.wait_released()
+        self._last = job
+        self._jobs.put(job)
+
+    def wait_released(self) -> None:
+        """Block until the newest snapshot no longer needs its sources unchanged (the optimizer may step)."""
+        job = self._last
+        if job is None:
+            return
+        self._wait(job.released, "copy the snapshot of step", job)
+        if job.copied is not None:
+            torch.cuda.current_stream().wait_event(job.copied)
+
+    def drain(self) -> None:
+        """Block until every submitted snapshot is committed locally."""
+        if self._last is not None:
+            self._wait(self._last.done, "commit the snapshot of step", self._last)
+
+    def _wait(self, event: threading.Event, what: str, job: SnapshotJob) -> None:
+        if not event.wait(self._timeout):
+            self._raise_error()
+            raise TimeoutError(f"ftmem: rank {self._rank} could not {what} {job.step} within {self._timeout:.0f}s "
+                               f"(is the SMP alive? see its log)")
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"ftmem: snapshot failed on rank {self._rank}: {self._error}") from self._error
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(self._timeout)
+        for _, mapping in self._maps.values():
+            mapping.close()
+        self._maps.clear()
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                if self._error is None:
+                    self._run(job)
+            except BaseException as exc:  # surfaced to training by _raise_error
+                self._error = exc
+            finally:
+                job.released.set()
+                job.done.set()
+
+    def _mapping(self, index: int, name: str) -> _Mapping:
+        cached = self._maps.get(index)
+        if cached is not None and cached[0] == name:
+            return cached[1]
+        if cached is not None:
+            cached[1].close()
+        mapping = _Mapping(name, self._cuda)
+        self._maps[index] = (name, mapping)
+        return mapping
+
+    def _run(self, job: SnapshotJob) -> None:
+        reply = self._client.call("prepare", rank=self._rank, step=job.step, epoch=job.epoch,
+                                  nbytes=HEADER_SIZE + job.payload_len)
+        payload = self._mapping(reply["buffer"], reply["segment"]).payload
+        self._copy_tensors(job, payload)
+        payload[job.desc_off: job.payload_len].copy_(torch.frombuffer(bytearray(job.descriptor), dtype=torch.uint8))
+        chunk = chunk_size_for(job.payload_len)
+        crcs = chunk_crcs(memoryview(payload.numpy())[: job.payload_len], chunk)
+        crash_point("before_local_commit", job.step, self._rank)
+        self._client.call("commit", rank=self._rank, step=job.step, epoch=job.epoch,
+                          payload_len=job.payload_len, desc_off=job.desc_off, desc_len=len(job.descriptor),
+                          chunk_size=chunk, crcs=struct.pack(f"<{len(crcs)}I", *crcs))
+        crash_point("after_local_commit", job.step, self._rank)
+
+    def _copy_tensors(self, job: SnapshotJob, payload: torch.Tensor) -> None:
+        pairs = [(payload[e.offset: e.offset + e.nbytes].view(src.dtype).view(src.shape), src)
+                 for e, src in zip(job.plan.entries, job.sources) if e.nbytes]
+        half = len(pairs) // 2
+        if self._stream is None:
+            for i, (dst, src) in enumerate(pairs):
+                if i == half:
+                    crash_point("mid_copy", job.step, self._rank)
+                dst.copy_(src)
+            job.released.set()
+            return
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(job.ready)
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+            job.copied = torch.cuda.Event()
+            job.copied.record(self._stream)
+        job.released.set()
+        job.copied.synchronize()

@@ -1,0 +1,59 @@
+"""msgpack encoding of non-tensor training state (RNG states, `state_dict()`s of schedulers, samplers, ...).
+
+Plain data only: tuples, tensors and numpy arrays travel as msgpack extension types holding dtype, shape and raw
+bytes, so decoding never runs code (unlike pickle) and a tuple comes back a tuple.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+_TUPLE, _TENSOR, _NDARRAY = 1, 2, 3
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, tuple):
+        return msgpack.ExtType(_TUPLE, pack(list(obj)))
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        raw = t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        return msgpack.ExtType(_TENSOR, pack([str(t.dtype).removeprefix("torch."), list(t.shape), raw]))
+    if isinstance(obj, np.ndarray):
+        a = np.ascontiguousarray(obj)
+        return msgpack.ExtType(_NDARRAY, pack([a.dtype.str, list(a.shape), a.tobytes()]))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (dict, OrderedDict)):
+        return dict(obj)
+    if isinstance(obj, (bool, int, float, str, bytes, list)):  # subclasses (e.g. IntEnum) as their base
+        for base in (bool, int, float, str, bytes, list):
+            if isinstance(obj, base):
+                return base(obj)
+    raise TypeError(f"ftmem cannot snapshot a value of type {type(obj).__name__} ({obj!r:.80}); "
+                    f"state_dict() must hold plain data, tensors or numpy arrays")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == _TUPLE:
+        return tuple(unpack(data))
+    if code == _TENSOR:
+        dtype, shape, raw = unpack(data)
+        flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        return flat.view(getattr(torch, dtype)).reshape(shape)
+    if code == _NDARRAY:
+        dtype, shape, raw = unpack(data)
+        return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
+    return msgpack.ExtType(code, data)
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, default=_default, use_bin_type=True, strict_types=True)
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)

@@ -1,0 +1,1 @@
+"""`ftmem-run`: a drop-in torchrun that also runs the node's SMP."""
