@@ -1,0 +1,85 @@
+"""`ftmem`: inspect and tidy the SMPs of running jobs on this machine.
+
+    ftmem status [--job-id J]     committed steps, memory and ranks of each SMP
+    ftmem clean --job-id J        remove a job's shared memory (when no SMP of it is running)
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+from ftmem.env import runtime_dir
+from ftmem.smp.protocol import ControlClient, SmpError, SmpUnavailable
+from ftmem.smp.shm import list_segments, unlink
+
+
+def _smp_infos(job: str | None) -> list[dict]:
+    infos = []
+    for path in sorted(glob.glob(os.path.join(runtime_dir(), f"{job or '*'}.n*.json"))):
+        try:
+            with open(path) as f:
+                infos.append(json.load(f))
+        except (OSError, ValueError):
+            continue
+    return infos
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def status(job: str | None) -> int:
+    infos = _smp_infos(job)
+    if not infos:
+        print(f"no running SMP{' for job ' + job if job else ''} on this machine")
+        return 1
+    print(f"{'job':<20} {'node':>4} {'pid':>7} {'committed':>9} {'protected':>9} {'memory':>10}  ranks (steps held)")
+    for info in infos:
+        client = ControlClient(info["control"], timeout=5.0, retry_interval=5.0)
+        try:
+            st = client.call("status")
+        except (SmpUnavailable, SmpError) as exc:
+            print(f"{info['job']:<20} {info['node']:>4} {info['pid']:>7}  not answering: {exc}")
+            continue
+        finally:
+            client.close()
+        ranks = " ".join(f"{r}:{v['steps']}" for r, v in st["ranks"].items()) or "-"
+        committed = "-" if st["committed"] is None else st["committed"]
+        protected = "-" if st.get("protected") is None else st["protected"]
+        print(f"{st['job']:<20} {st['node']:>4} {st['pid']:>7} {committed:>9} {protected:>9} "
+              f"{_human(st['shm_bytes']):>10}  {ranks}")
+    return 0
+
+
+def clean(job: str) -> int:
+    if _smp_infos(job):
+        print(f"an SMP of job {job} is running; stop the job first", file=sys.stderr)
+        return 1
+    names = list_segments(f"ftmem.{job}.")
+    for name in names:
+        unlink(name)
+    print(f"removed {len(names)} segment(s) of job {job}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ftmem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("status", help="show the SMPs of running jobs")
+    s.add_argument("--job-id")
+    c = sub.add_parser("clean", help="remove a stopped job's shared memory")
+    c.add_argument("--job-id", required=True)
+    args = p.parse_args(argv)
+    return status(args.job_id) if args.cmd == "status" else clean(args.job_id)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
