@@ -1,0 +1,128 @@
+"""Fixtures for tests that run real ftmem processes: unique job ids, private runtime dirs, free ports, and
+cleanup of every child process and shared-memory segment a test leaves, even when it fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from ftmem.smp.shm import list_segments, unlink
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "train_gpt.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """Processes of one test job; each is started in its own session so it can be ended by process group."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.job = f"t{uuid.uuid4().hex[:10]}"
+        self.tmp = tmp
+        self.runtime = tmp / "run"
+        self.runtime.mkdir(mode=0o700)
+        self.procs: list[tuple[subprocess.Popen, Path]] = []
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "FTMEM_RUNTIME_DIR": str(self.runtime),
+                    "FTMEM_JOB_ID": self.job, "PYTHONUNBUFFERED": "1", "FTMEM_TIMEOUT": "120"}
+
+    def start(self, args: list[str], name: str, **env: str) -> subprocess.Popen:
+        log = self.tmp / f"{name}.log"
+        out = open(log, "wb")
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**self.env, **env}, start_new_session=True, cwd=self.tmp)
+        out.close()
+        self.procs.append((proc, log))
+        return proc
+
+    def ftmem_run(self, torchrun_args: list[str], script_args: list[str], name: str = "run", **env: str):
+        return self.start([sys.executable, "-m", "ftmem.launcher.main", *torchrun_args, str(EXAMPLE),
+                           *script_args], name, **env)
+
+    def python(self, args: list[str], name: str, **env: str) -> subprocess.Popen:
+        return self.start([sys.executable, *args], name, **env)
+
+    def wait(self, proc: subprocess.Popen, timeout: float = 240) -> str:
+        """Wait for `proc` and return its output; on timeout or failure the assertion shows every log."""
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"process {proc.args} did not finish within {timeout}s\n{self.logs()}")
+        return self.output(proc)
+
+    def output(self, proc: subprocess.Popen) -> str:
+        return next(log for p, log in self.procs if p is proc).read_text(errors="replace")
+
+    def wait_for_line(self, proc: subprocess.Popen, needle: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if needle in self.output(proc):
+                return
+            if proc.poll() is not None:
+                pytest.fail(f"process exited before printing {needle!r}\n{self.logs()}")
+            time.sleep(0.05)
+        pytest.fail(f"{needle!r} not printed within {timeout}s\n{self.logs()}")
+
+    def smp_info(self, node: int = 0) -> dict:
+        with open(self.runtime / f"{self.job}.n{node}.json") as f:
+            return json.load(f)
+
+    def logs(self) -> str:
+        parts = [f"--- {log.name} ---\n{log.read_text(errors='replace')[-6000:]}" for _, log in self.procs]
+        parts += [f"--- {p.name} ---\n{p.read_text(errors='replace')[-4000:]}"
+                  for p in sorted(self.runtime.glob("*.log"))]
+        return "\n".join(parts)
+
+    def cleanup(self) -> None:
+        for proc, _ in self.procs:
+            try:
+                members = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                members = []
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            for m in members:
+                try:
+                    m.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            proc.wait(timeout=30)
+        for info in self.runtime.glob(f"{self.job}.n*.json"):  # SMPs run in sessions of their own
+            try:
+                pid = json.loads(info.read_text())["pid"]
+                if psutil.pid_exists(pid) and self.job in " ".join(psutil.Process(pid).cmdline()):
+                    os.kill(pid, signal.SIGKILL)
+            except (ValueError, OSError, psutil.Error):
+                pass
+        for name in list_segments(f"ftmem.{self.job}."):
+            unlink(name)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    c = Cluster(tmp_path)
+    yield c
+    c.cleanup()
+
+
+def final_hash(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith("final-hash ")]
+    assert lines, f"no final-hash line in output:\n{output[-4000:]}"
+    return lines[-1].split()[1]
