@@ -15,7 +15,9 @@ import sys
 from typing import Sequence
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import get_args_parser, run
+from torch.distributed.run import get_args_parser, parse_min_max_nnodes, run
+
+from ftmem.erasure import ErasureConfigError, check_config, default_group_size
 
 from ftmem.env import NodeEnv, default_job_id
 from ftmem.launcher.supervisor import SmpSupervisor
@@ -38,8 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "same id on the same node re-adopts the snapshots kept in memory")
     g.add_argument("--ftmem-node-id", type=int, default=_env_default("NODE_ID", None),
                    help="stable identity of this node (default: --node-rank); a replacement node reuses it")
-    g.add_argument("--ftmem-buffers", type=int, default=int(_env_default("BUFFERS", "2")),
-                   help="snapshot buffers per rank (default 2: double buffering)")
+    g.add_argument("--ftmem-buffers", type=int, default=_env_default("BUFFERS", None),
+                   help="snapshot buffers per rank (default 2, double buffering; 3 with erasure coding, so the "
+                        "protected step survives while the next two are written)")
+    g.add_argument("--ftmem-ec-group", type=int, default=_env_default("EC_GROUP", None),
+                   help="nodes per erasure-coding group; must divide --nnodes (default: all nodes up to 8)")
+    g.add_argument("--ftmem-ec-parity", type=int, default=int(_env_default("EC_PARITY", "1")),
+                   help="node losses each group survives (default 1)")
+    g.add_argument("--ftmem-peer-host", default=_env_default("PEER_HOST", None),
+                   help="address the SMP binds for its peers (default: the interface routing to the "
+                        "rendezvous endpoint; 127.0.0.1 for a local endpoint)")
+    g.add_argument("--ftmem-secret-file", default=_env_default("SECRET_FILE", None),
+                   help="file holding the job's peer secret (same on every node; default: FTMEM_SECRET, else "
+                        "one generated through the rendezvous store)")
     g.add_argument("--ftmem-timeout", type=float, default=float(_env_default("TIMEOUT", "300")),
                    help="seconds any ftmem wait may last before it fails with an error (default 300)")
     g.add_argument("--ftmem-keep", action="store_true", default=_env_default("KEEP", "0") == "1",
@@ -55,6 +68,27 @@ def _job_id(args: argparse.Namespace) -> str:
     return default_job_id()
 
 
+def _cluster_args(args: argparse.Namespace) -> list[str]:
+    """SMP options for a multi-node job: peers meet through the rendezvous store, data is erasure-coded."""
+    _, max_nodes = parse_min_max_nnodes(args.nnodes)
+    buffers = args.ftmem_buffers
+    if max_nodes == 1:
+        return ["--buffers", str(buffers or 2)]
+    if args.rdzv_backend != "c10d" or not args.rdzv_endpoint:
+        raise SystemExit("ftmem-run: a multi-node job needs --rdzv-backend c10d --rdzv-endpoint HOST:PORT "
+                         "(the SMPs find each other through that store)")
+    ec_group = args.ftmem_ec_group or default_group_size(max_nodes)
+    try:
+        check_config(max_nodes, ec_group, args.ftmem_ec_parity)
+    except ErasureConfigError as exc:
+        raise SystemExit(f"ftmem-run: {exc}") from exc
+    if args.ftmem_secret_file:
+        os.environ["FTMEM_SECRET_FILE"] = os.path.abspath(args.ftmem_secret_file)
+    out = ["--buffers", str(buffers or 3), "--nnodes", str(max_nodes), "--store", args.rdzv_endpoint,
+           "--ec-group", str(ec_group), "--ec-parity", str(args.ftmem_ec_parity)]
+    return out + (["--peer-host", args.ftmem_peer_host] if args.ftmem_peer_host else [])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # torchrun shares its rendezvous store with the workers by default, and a restarted attempt then reads the
@@ -64,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = NodeEnv(_job_id(args), args.ftmem_node_id if args.ftmem_node_id is not None else args.node_rank)
     os.environ.update(FTMEM_JOB_ID=env.job, FTMEM_NODE_ID=str(env.node), FTMEM_MANAGED="1",
                       FTMEM_TIMEOUT=str(args.ftmem_timeout), FTMEM_SMP_ADDR=env.control_address)
-    smp_args = ["--buffers", str(args.ftmem_buffers), "--timeout", str(args.ftmem_timeout)]
+    smp_args = ["--timeout", str(args.ftmem_timeout), *_cluster_args(args)]
     supervisor = SmpSupervisor(env, smp_args, timeout=args.ftmem_timeout)
     supervisor.start()
     ok = False

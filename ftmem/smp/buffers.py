@@ -132,6 +132,9 @@ class BufferStore:
     def nbytes(self) -> int:
         return sum(rb.nbytes() for rb in self.ranks.values())
 
+    def has_complete(self) -> bool:
+        return any(rb.complete() for rb in self.ranks.values())
+
     def close(self, unlink_all: bool) -> None:
         for rb in self.ranks.values():
             for buf in rb.buffers:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 Snap = tuple[int, int]  # (step, epoch)
+LOCAL = -1  # source id of this SMP's own buffers; peers are sources by node id
 
 
 @dataclass
@@ -19,16 +20,30 @@ class CommitTracker:
     world: int | None = None
     epoch: int = 0
     committed: int | None = None
-    _complete: dict[int, set[Snap]] = field(default_factory=dict)
+    _sources: dict[int, dict[int, set[Snap]]] = field(default_factory=dict)  # source -> rank -> snaps
 
-    def set_complete(self, rank: int, snaps: set[Snap]) -> None:
-        """Replace what `rank` has complete (from local buffers or a peer's report)."""
-        self._complete[rank] = set(snaps)
+    def set_complete(self, rank: int, snaps: set[Snap], source: int = LOCAL) -> None:
+        """Replace what `rank` has complete at `source` (this SMP's buffers, or a peer's report)."""
+        self._sources.setdefault(source, {})[rank] = set(snaps)
         if snaps:
             self.epoch = max(self.epoch, max(e for _, e in snaps))
 
-    def complete(self, rank: int) -> set[Snap]:
-        return self._complete.get(rank, set())
+    def set_source(self, source: int, by_rank: dict[int, set[Snap]]) -> None:
+        """Replace everything a peer reported."""
+        self._sources[source] = {}
+        for rank, snaps in by_rank.items():
+            self.set_complete(rank, snaps, source)
+
+    def complete(self, rank: int, sources: set[int] | None = None) -> set[Snap]:
+        """What `rank` has complete anywhere (or at the given sources)."""
+        out: set[Snap] = set()
+        for src, by_rank in self._sources.items():
+            if sources is None or src in sources:
+                out |= by_rank.get(rank, set())
+        return out
+
+    def holders(self, rank: int, snap: Snap) -> list[int]:
+        return [src for src, by_rank in self._sources.items() if snap in by_rank.get(rank, set())]
 
     def restart_at(self, step: int | None, epoch: int) -> None:
         """A restore chose `step` (None: start from scratch) and opened `epoch`."""
@@ -39,7 +54,7 @@ class CommitTracker:
         """Advance `committed` to the newest snapshot complete on every rank; True if it moved."""
         if not self.world:
             return False
-        sets = [self._complete.get(r, set()) for r in range(self.world)]
+        sets = [self.complete(r) for r in range(self.world)]
         common = set.intersection(*sets) if sets else set()
         if not common:
             return False
@@ -51,14 +66,16 @@ class CommitTracker:
 
     def missing(self, step: int, epoch: int) -> list[int]:
         """Ranks that have not completed (step, epoch): what a stuck commit is waiting for."""
-        return [r for r in range(self.world or 0) if (step, epoch) not in self._complete.get(r, set())]
+        return [r for r in range(self.world or 0) if (step, epoch) not in self.complete(r)]
 
 
-def reusable(buffer_steps: list[int | None], committed: int | None, newest_complete: int | None) -> list[int]:
+def reusable(buffer_steps: list[int | None], committed: int | None, newest_complete: int | None,
+             keep: frozenset[int] = frozenset()) -> list[int]:
     """Indices of buffers a rank may overwrite, best first (empty ones, then the oldest step).
 
-    `buffer_steps[i]` is the step buffer i holds complete, or None when it holds nothing usable.
+    `buffer_steps[i]` is the step buffer i holds complete, or None when it holds nothing usable; `keep` are
+    further steps that must survive (the protected step, a step whose parity is being committed).
     """
-    pinned = {committed, newest_complete} - {None}
+    pinned = ({committed, newest_complete} | keep) - {None}
     free = [i for i, s in enumerate(buffer_steps) if s is None or s not in pinned]
     return sorted(free, key=lambda i: -1 if buffer_steps[i] is None else buffer_steps[i])

@@ -23,8 +23,9 @@ from ftmem.env import NodeEnv
 from ftmem.faults import crash_point
 from ftmem.log import get_logger
 from ftmem.smp.buffers import BufferStore
-from ftmem.smp.commit import CommitTracker, reusable
-from ftmem.smp.layout import BufferState, Header, MAX_CHUNKS
+from ftmem.smp.cluster import Cluster, ClusterConfig
+from ftmem.smp.commit import LOCAL, CommitTracker, reusable
+from ftmem.smp.layout import HEADER_SIZE, MAX_CHUNKS, BufferState, Header
 from ftmem.smp.protocol import CONTROL_SCHEMA, MAX_CONTROL_BYTES, ProtocolError, decode, encode
 
 log = get_logger("smp")
@@ -51,7 +52,8 @@ class _RankInfo:
 
 class SnapshotDaemon:
     def __init__(self, env: NodeEnv, *, buffers: int = 2, timeout: float = 300.0,
-                 exit_when_done: bool = False, parent_pid: int | None = None) -> None:
+                 exit_when_done: bool = False, parent_pid: int | None = None,
+                 cluster: ClusterConfig | None = None) -> None:
         self.env = env
         self.timeout = timeout
         self.exit_when_done = exit_when_done
@@ -62,6 +64,9 @@ class SnapshotDaemon:
         self.pending: list[_Pending] = []
         self._stop: bool | None = None  # None: running; else whether to unlink segments on exit
         self._lock_fd: int | None = None
+        self._cluster_config = cluster
+        self.cluster: Cluster | None = None
+        self.transfer_errors: dict[tuple[int, int], str] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
@@ -94,6 +99,8 @@ class SnapshotDaemon:
             os.unlink(self.env.socket_path)  # stale: we hold the lock, so no live SMP owns it
         sock.bind(self.env.control_address)
         self._write_info()
+        if self._cluster_config is not None and self._cluster_config.nnodes > 1:
+            self.cluster = Cluster(self, self._cluster_config)
         signal.signal(signal.SIGTERM, lambda *_: self._request_stop(False))
         log.info("serving job %s node %d at %s (pid %d)", self.env.job, self.env.node,
                  self.env.control_address, os.getpid())
@@ -103,6 +110,8 @@ class SnapshotDaemon:
             sock.close(0)
             cleanup = bool(self._stop)
             self.store.close(unlink_all=cleanup)
+            if self.cluster is not None:
+                self.cluster.close(unlink_all=cleanup)
             for path in (self.env.info_path, self.env.socket_path):
                 if os.path.exists(path):
                     os.unlink(path)
@@ -119,18 +128,27 @@ class SnapshotDaemon:
         self._stop = cleanup
 
     def _loop(self, sock: zmq.Socket) -> None:
+        self._sock = sock
         while self._stop is None:
-            if sock.poll(TICK_MS):
-                while True:
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._handle(sock, frames)
+            poller = zmq.Poller()
+            for s in [sock, *(self.cluster.sockets() if self.cluster else [])]:
+                poller.register(s, zmq.POLLIN)
+            for ready, _ in poller.poll(TICK_MS):
+                if ready is sock:
+                    while True:
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._handle(sock, frames)
+                else:
+                    self.cluster.handle(ready)
             self._tick(sock)
 
     def _tick(self, sock: zmq.Socket) -> None:
         self._retry_pending(sock)
+        if self.cluster is not None:
+            self.cluster.tick()
         if self.parent_pid is not None and not psutil.pid_exists(self.parent_pid):
             log.warning("launcher (pid %d) is gone; exiting and keeping the segments", self.parent_pid)
             self._request_stop(False)
@@ -192,7 +210,8 @@ class SnapshotDaemon:
                 "committed": self.tracker.committed, "world": self.tracker.world, "shm_bytes": self.store.nbytes(),
                 "ranks": {str(r): {"pid": info.pid, "closed": info.closed,
                                    "steps": sorted(s for s, _ in self.store.of(r).complete())}
-                          for r, info in sorted(self.ranks.items())}}
+                          for r, info in sorted(self.ranks.items())},
+                **(self.cluster.status() if self.cluster else {})}
 
     def _op_register(self, msg):
         rank, world = msg["rank"], msg["world"]
@@ -210,8 +229,16 @@ class SnapshotDaemon:
         return {}
 
     def _op_available(self, msg):
-        snaps = sorted(self.store.of(msg["rank"]).complete(), reverse=True)
-        return {"epoch": self.tracker.epoch, "steps": [list(s) for s in snaps]}
+        """What this rank can restore: its snapshots here and at live peers (moved ranks), newest first."""
+        if self.cluster is None:
+            snaps = self.store.of(msg["rank"]).complete()
+            return {"epoch": self.tracker.epoch, "steps": [list(s) for s in sorted(snaps, reverse=True)], "lost": ""}
+        if self.cluster.rebuilding:
+            return None  # ranks restore only after this node's data is rebuilt
+        live = {LOCAL} | {n for n in self.cluster.peers if self.cluster.alive(n)}
+        snaps = self.tracker.complete(msg["rank"], live)
+        return {"epoch": self.tracker.epoch, "steps": [list(s) for s in sorted(snaps, reverse=True)],
+                "lost": self.cluster.rebuild_error or ""}
 
     def _op_begin(self, msg):
         rank, step, epoch = msg["rank"], msg["step"], msg["epoch"]
@@ -226,9 +253,26 @@ class SnapshotDaemon:
         if restart is None:
             return {"source": "none"}
         buf = rb.holding(restart)
-        if buf is None:
-            raise RequestError(f"rank {rank} has no snapshot of step {step} on node {self.env.node}")
-        return {"source": "local memory", "segment": buf.segment.name}
+        if buf is not None:
+            return {"source": "local memory", "segment": buf.segment.name}
+        error = self.transfer_errors.pop((rank, restart), None)
+        if error is not None:
+            raise RequestError(error)
+        if any(b.header.state == BufferState.WRITING and b.header.step == restart for b in rb.buffers):
+            return None  # a transfer from a peer is under way
+        epoch_of = [e for s, e in self.tracker.complete(rank) if s == restart]
+        if self.cluster is not None and epoch_of:
+            target = rb.buffers[reusable([b.complete_step for b in rb.buffers], restart, None)[0]]
+            holders = [n for n in self.tracker.holders(rank, (restart, epoch_of[0])) if n != LOCAL]
+            if holders:
+                rb.invalidate(target)
+                self.store.ensure_size(rank, target, HEADER_SIZE + self._payload_hint(rank, restart))
+                target.write_header(Header(BufferState.WRITING, rank=rank, step=restart, epoch=epoch_of[0]))
+                if self.cluster.start_transfer(rank, restart, epoch_of[0], target):
+                    log.info("fetching rank %d's snapshot of step %d from node %s", rank, restart, holders)
+                    return None
+                rb.invalidate(target)
+        raise RequestError(f"rank {rank} has no snapshot of step {step} on node {self.env.node} or a live peer")
 
     def _op_corrupt(self, msg):
         rb = self.store.of(msg["rank"])
@@ -238,6 +282,25 @@ class SnapshotDaemon:
             rb.invalidate(buf)
             self._update_complete(msg["rank"])
         return {"retry": False}
+
+    def _payload_hint(self, rank: int, step: int) -> int:
+        """Room for a fetched payload: any local buffer's size is a good guess; the transfer regrows if not."""
+        return max((b.segment.size - HEADER_SIZE for b in self.store.of(rank).buffers if b.segment), default=0)
+
+    def install_transfer(self, rank: int, step: int, header: Header) -> None:
+        rb = self.store.of(rank)
+        buf = next(b for b in rb.buffers if b.header.state == BufferState.WRITING and b.header.step == step)
+        buf.write_header(header)
+        log.info("rank %d's snapshot of step %d is now local", rank, step)
+        self.refresh_rank(rank)
+
+    def fail_transfer(self, rank: int, step: int, error: str) -> None:
+        rb = self.store.of(rank)
+        for buf in rb.buffers:
+            if buf.header.state == BufferState.WRITING and buf.header.step == step:
+                rb.invalidate(buf)
+        self.transfer_errors[(rank, step)] = f"fetching rank {rank}'s step {step} from a peer failed: {error}"
+        self.on_commit_state_changed()
 
     def _op_prepare(self, msg):
         rank, step, epoch, nbytes = msg["rank"], msg["step"], msg["epoch"], msg["nbytes"]
@@ -249,10 +312,13 @@ class SnapshotDaemon:
         if buf is None:
             steps = [b.complete_step for b in rb.buffers]
             newest = max((s for s in steps if s is not None), default=None)
-            free = reusable(steps, self.tracker.committed, newest)
+            keep = self.cluster.keep() if self.cluster else frozenset()
+            free = reusable(steps, self.tracker.committed, newest, keep)
             if not free:
                 return None  # wait until the newest step commits
             buf = rb.buffers[free[0]]
+            if self.cluster is not None:
+                self.cluster.buffer_taken(buf.complete_step)
             self.store.ensure_size(rank, buf, nbytes)
             buf.write_header(Header(BufferState.WRITING, rank=rank, world=self.tracker.world or 0, step=step,
                                     epoch=epoch))
@@ -300,6 +366,15 @@ class SnapshotDaemon:
     def _update_complete(self, rank: int) -> None:
         self.tracker.set_complete(rank, self.store.of(rank).complete())
         self.tracker.evaluate()
+        if self.cluster is not None:
+            self.cluster.broadcast_report()
+
+    refresh_rank = _update_complete
+
+    def on_commit_state_changed(self) -> None:
+        """Peers reported, a round ended or a rebuild finished: re-evaluate and serve what was waiting."""
+        self.tracker.evaluate()
+        self._retry_pending(self._sock)
 
 
 def _loose_id(data: bytes) -> int:

@@ -1,0 +1,101 @@
+"""Rebuilding a lost node's snapshot from its erasure-coding group, and fetching a moved rank's snapshot.
+
+A replacement node (same node id, empty memory) asks its group for the newest protected step, then rebuilds
+every block it held (its ranks' payloads and its parity) bit-exactly from any k surviving blocks per stripe.
+The payload checksums recorded at commit time are verified before the SMP lets its ranks restore.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ftmem.erasure import NotEnoughBlocks, rebuild_stripe
+from ftmem.smp.layout import Header
+from ftmem.smp.nodedata import NodeData
+from ftmem.smp.parity import ParityStore
+from ftmem.smp.peer import PeerLink
+from ftmem.smp.protect import BATCH_BYTES, GroupMeta, fetch_ranges
+
+
+class RebuildError(RuntimeError):
+    """The group cannot rebuild this node (more than f members lost, or peers unreachable)."""
+
+
+def newest_protected(members: tuple[int, ...], node: int, link_to: Callable[[int], PeerLink | None],
+                     timeout: float) -> GroupMeta | None:
+    """The newest protected step any live group member knows that includes this node."""
+    best: GroupMeta | None = None
+    for m in members:
+        link = link_to(m) if m != node else None
+        if link is None:
+            continue
+        try:
+            _, blobs = link.request("ec_status", timeout)
+        except (TimeoutError, RuntimeError):
+            continue
+        if blobs:
+            meta = GroupMeta.unpack(blobs[0])
+            if node in meta.members and (best is None or meta.step > best.step):
+                best = meta
+    return best
+
+
+def rebuild_node(meta: GroupMeta, node: int, data: NodeData, parity: ParityStore, link_to: Callable[[int], PeerLink | None],
+                 timeout: float) -> None:
+    """Fill `data` (this node's rank buffers, already sized) and a parity slot for `meta.step`."""
+    layout, me = meta.layout, meta.members.index(node)
+    seg = parity.work(meta.step, layout.parity_bytes(me))
+    alive = {i: link_to(m) for i, m in enumerate(meta.members) if m != node and link_to(m) is not None}
+    mine = sorted(set(layout.data_stripes(me)) | set(layout.parity_stripes(me)))
+    per_batch = max(1, BATCH_BYTES // (layout.chunk_size * layout.n))
+    for start in range(0, len(mine), per_batch):
+        batch = mine[start: start + per_batch]
+        blocks: dict[int, dict[int, bytes]] = {t: {} for t in batch}
+        for i, link in alive.items():
+            data_items = [(t, layout.data_chunk(t, i)) for t in batch if i in layout.data_members(t)]
+            par_items = [t for t in batch if i in layout.parity_members(t)]
+            try:
+                if data_items:
+                    got = fetch_ranges(link, meta.step, [rng for _, rng in data_items], timeout)
+                    for (t, _), b in zip(data_items, got):
+                        blocks[t][i] = b
+                if par_items:
+                    _, got = link.request("parity", timeout, step=meta.step,
+                                          slots=[layout.parity_slot(t, i) for t in par_items])
+                    for t, b in zip(par_items, got):
+                        blocks[t][i] = b
+            except (TimeoutError, RuntimeError):
+                continue  # a member lost during the rebuild: the others may still suffice
+        for t in batch:
+            try:
+                block = rebuild_stripe(layout, t, blocks[t], want=[me])[me]
+            except NotEnoughBlocks as exc:
+                lost = [m for i, m in enumerate(meta.members) if i not in blocks[t] and m != node]
+                raise RebuildError(f"cannot rebuild node {node}'s snapshot of step {meta.step}: group members "
+                                   f"{lost} are unavailable too, more than f={meta.f} lost ({exc})") from exc
+            if me in layout.data_members(t):
+                off, length = layout.data_chunk(t, me)
+                data.write(off, memoryview(block)[:length])
+            else:
+                parity.write(seg, layout.parity_slot(t, me) * layout.chunk_size, bytes(block))
+
+
+def verify(data: NodeData, headers: dict[int, Header]) -> list[str]:
+    """Problems found checking rebuilt payloads against their commit-time checksums (empty when all good)."""
+    problems = []
+    for part in data.parts:
+        header = headers[part.rank]
+        with memoryview(part.buffer.segment.buf) as mv:
+            bad = header.bad_chunks(mv[4096: 4096 + header.payload_len])
+        if bad:
+            problems.append(f"rank {part.rank}: chunks {bad[:8]} fail their checksums")
+    return problems
+
+
+def fetch_payload(link: PeerLink, rank: int, step: int, length: int, write: Callable[[int, bytes], None],
+                  timeout: float) -> None:
+    """Copy a rank's payload of `step` from the peer holding it, in frame-sized pieces."""
+    for off in range(0, length, BATCH_BYTES):
+        count = min(BATCH_BYTES, length - off)
+        _, blobs = link.request("payload", timeout, rank=rank, step=step, offset=off, length=count)
+        write(off, blobs[0])

@@ -1,0 +1,512 @@
+"""The SMP's side of a multi-node job: peers, global commit, erasure-coding rounds, rebuild and rank moves.
+
+Everything here runs on the daemon's event loop except the blocking transfers (a round's reads, a rebuild, a
+moved rank's payload), which run on one worker thread with its own peer links and report back as events.
+
+- **Reports.** Each SMP tells every peer which (step, epoch) each of its ranks holds, on every change and once a
+  second; the union drives the global commit and tells where a rank's snapshot lives.
+- **Rounds.** The lowest-numbered live member of each EC group starts a round for the newest committed step
+  (never a queue: a lagging encoder skips to the newest), every member computes its parity blocks, and the step
+  is *protected* when all members succeeded. Until a member has finished its part, the step's buffers are
+  only softly kept: a rank needing the buffer takes it and the round fails, so encoding never blocks training.
+- **Rebuild.** A node that starts with nothing asks its group for the newest protected step and rebuilds its
+  data and parity before its ranks may restore.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import zmq
+
+from ftmem.erasure import check_config, group_members
+from ftmem.log import get_logger
+from ftmem.recovery.rebuild import RebuildError, fetch_payload, newest_protected, rebuild_node, verify
+from ftmem.smp.buffers import Buffer
+from ftmem.smp.directory import Directory
+from ftmem.smp.layout import HEADER_SIZE, BufferState, Header
+from ftmem.smp.nodedata import NodeData, Part
+from ftmem.smp.parity import ParityStore
+from ftmem.smp.peer import MAX_PEER_BYTES, Links, PeerAuthError, PeerCodec, new_incarnation
+from ftmem.smp.protect import GroupMeta, encode_round
+
+if TYPE_CHECKING:
+    from ftmem.smp.daemon import SnapshotDaemon
+
+log = get_logger("smp")
+HEARTBEAT_S = 1.0
+EVENTS = "inproc://ftmem-events"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    nnodes: int
+    ec_group: int
+    ec_parity: int
+    store: str           # host:port of the job's rendezvous store
+    peer_host: str       # interface to bind the peer socket to
+    secret: bytes | None
+
+    def validate(self) -> None:
+        check_config(self.nnodes, self.ec_group, self.ec_parity)
+
+
+def default_peer_host(store: str) -> str:
+    """The local address that routes to the rendezvous store (loopback when the store is local)."""
+    host = store.rpartition(":")[0] or "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((socket.gethostbyname(host), 9))  # UDP connect sends nothing
+        return s.getsockname()[0]
+
+
+@dataclass
+class _Peer:
+    endpoint: str
+    incarnation: str
+    last_seen: float = 0.0
+    committed: int = -1
+    protected: int = -1
+
+
+@dataclass
+class _Round:
+    """A round this node leads."""
+
+    step: int
+    deadline: float
+    done: set[int] = field(default_factory=set)
+
+
+class Cluster:
+    def __init__(self, daemon: "SnapshotDaemon", config: ClusterConfig) -> None:
+        config.validate()
+        self.d = daemon
+        self.cfg = config
+        self.node = daemon.env.node
+        self.members = group_members(self.node, config.ec_group)
+        self.parity = ParityStore(daemon.env.segment_prefix)
+        self.directory = Directory(config.store, daemon.env.job, self.node, config.nnodes, daemon.timeout)
+        self.incarnation = new_incarnation()
+        self.peers: dict[int, _Peer] = {}
+        self.codec: PeerCodec | None = None
+        self.sock: zmq.Socket | None = None
+        self.links: Links | None = None
+        self.events = zmq.Context.instance().socket(zmq.PULL)
+        self.events.bind(EVENTS)
+        self.jobs: queue.Queue = queue.Queue()
+        self.ready = False
+        self.rebuilding = True       # ranks may not restore before the rebuild check is done
+        self.rebuild_error: str | None = None
+        self.meta: GroupMeta | None = None   # of the protected step
+        self.protected: int | None = None
+        self.member_round: int | None = None  # step whose parity this node is computing
+        self.member_round_hard = False
+        self.member_round_aborted = False
+        self.leading: _Round | None = None
+        self.last_led = -1
+        self.pending_meta: GroupMeta | None = None  # of the round this node finished last
+        self._next_heartbeat = 0.0
+        self._rebuild_started = 0.0
+        threading.Thread(target=self._connect, name="ftmem-connect", daemon=True).start()
+        threading.Thread(target=self._work, name="ftmem-ec", daemon=True).start()
+
+    # ---- start-up --------------------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.connect(EVENTS)
+        try:
+            self.directory.connect()
+            secret = self.cfg.secret or self.directory.secret()
+            push.send(msgpack.packb({"ev": "connected", "secret": secret}))
+        except Exception as exc:
+            push.send(msgpack.packb({"ev": "connect_failed", "error": f"{type(exc).__name__}: {exc}"}))
+        finally:
+            push.close(linger=1000)
+
+    def _on_connected(self, secret: bytes) -> None:
+        self.codec = PeerCodec(secret, self.d.env.job, self.node)
+        self.links = Links(self.codec)
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_PEER_BYTES + 4096)
+        port = self.sock.bind_to_random_port(f"tcp://{self.cfg.peer_host}")
+        endpoint = f"tcp://{self.cfg.peer_host}:{port}"
+        self.directory.publish(endpoint, self.incarnation)
+        self.directory.start()
+        self.ready = True
+        log.info("peer endpoint %s; EC group %s with %d parity", endpoint, list(self.members), self.cfg.ec_parity)
+        if self.d.store.has_complete():
+            self.rebuilding = False
+        else:
+            self.jobs.put(("probe",))
+
+    # ---- event loop hooks ------------------------------------------------------------------------------------
+
+    def sockets(self) -> list[zmq.Socket]:
+        return [s for s in (self.events, self.sock) if s is not None]
+
+    def handle(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if sock is self.events:
+                self._on_event(msgpack.unpackb(frames[0], raw=False))
+            else:
+                self._on_peer(frames)
+
+    def tick(self) -> None:
+        if not self.ready:
+            return
+        now = time.monotonic()
+        self._refresh_peers()
+        if now >= self._next_heartbeat:
+            self.broadcast_report()
+            self._next_heartbeat = now + HEARTBEAT_S
+        self._lead(now)
+
+    def _refresh_peers(self) -> None:
+        for node, (endpoint, incarnation) in self.directory.snapshot().items():
+            peer = self.peers.get(node)
+            if peer is None or peer.incarnation != incarnation:
+                if peer is not None:
+                    log.info("node %d restarted (new incarnation); reconnecting", node)
+                self.peers[node] = _Peer(endpoint, incarnation)
+                self.d.tracker.set_source(node, {})
+
+    def alive(self, node: int) -> bool:
+        if node == self.node:
+            return True
+        peer = self.peers.get(node)
+        return peer is not None and time.monotonic() - peer.last_seen < max(5.0, 5 * HEARTBEAT_S)
+
+    def _send(self, node: int, op: str, **fields: Any) -> None:
+        if node == self.node:
+            self._dispatch({"op": op, "from": self.node, "id": 0, **fields}, [], None)
+        elif node in self.peers and self.links is not None:
+            self.links.to(node, self.peers[node].endpoint).send(op, **fields)
+
+    # ---- reports and commit ----------------------------------------------------------------------------------
+
+    def broadcast_report(self) -> None:
+        if not self.ready:
+            return
+        complete = [[rank, s, e] for rank, rb in self.d.store.ranks.items() for s, e in rb.complete()]
+        fields = dict(incarnation=self.incarnation, epoch=self.d.tracker.epoch,
+                      committed=-1 if self.d.tracker.committed is None else self.d.tracker.committed,
+                      protected=-1 if self.protected is None else self.protected, complete=complete)
+        for node in self.peers:
+            self._send(node, "report", **fields)
+
+    def _on_report(self, msg: dict[str, Any]) -> None:
+        peer = self.peers.get(msg["from"])
+        if peer is None or peer.incarnation != msg["incarnation"]:
+            return
+        peer.last_seen, peer.committed, peer.protected = time.monotonic(), msg["committed"], msg["protected"]
+        by_rank: dict[int, set[tuple[int, int]]] = {}
+        for rank, step, epoch in msg["complete"]:
+            by_rank.setdefault(rank, set()).add((step, epoch))
+        self.d.tracker.set_source(msg["from"], by_rank)
+        self.d.tracker.epoch = max(self.d.tracker.epoch, msg["epoch"])
+        self.d.on_commit_state_changed()
+
+    # ---- erasure-coding rounds -------------------------------------------------------------------------------
+
+    def keep(self) -> frozenset[int]:
+        """Steps local buffers must keep: the protected one, and a round's step once this node finished it."""
+        steps = {self.protected} if self.protected is not None else set()
+        if self.member_round is not None and self.member_round_hard:
+            steps.add(self.member_round)
+        return frozenset(steps)
+
+    def buffer_taken(self, step: int | None) -> None:
+        """A rank is about to overwrite a buffer holding `step`."""
+        if step is not None and step == self.member_round and not self.member_round_hard:
+            self.member_round_aborted = True
+
+    def _lead(self, now: float) -> None:
+        leader = min(m for m in self.members if self.alive(m))
+        if leader != self.node:
+            return
+        if self.leading is not None:
+            if now > self.leading.deadline:
+                log.warning("EC round of step %d timed out", self.leading.step)
+                self._finish_round(False)
+            return
+        committed = self.d.tracker.committed
+        if committed is None or committed <= self.last_led or self.rebuilding:
+            return
+        if not all(self.alive(m) for m in self.members):
+            return
+        self.leading = _Round(committed, now + self.d.timeout)
+        self.last_led = committed
+        for m in self.members:
+            self._send(m, "ec_start", step=committed)
+
+    def _finish_round(self, ok: bool) -> None:
+        step = self.leading.step
+        self.leading = None
+        for m in self.members:
+            self._send(m, "ec_result", step=step, ok=ok)
+
+    def _on_ec_start(self, step: int) -> None:
+        if self.rebuilding:
+            self._send(min(m for m in self.members if self.alive(m)), "ec_done", step=step, ok=False,
+                       detail=f"node {self.node} is still being rebuilt")
+            return
+        if self.member_round is not None:
+            log.warning("EC round of step %d starts while step %d is still running; abandoning that",
+                        step, self.member_round)
+        self.member_round, self.member_round_hard, self.member_round_aborted = step, False, False
+        self.jobs.put(("encode", step))
+
+    def _on_ec_done(self, msg: dict[str, Any]) -> None:
+        if self.leading is None or msg["step"] != self.leading.step:
+            return
+        if not msg["ok"]:
+            log.warning("EC round of step %d failed on node %d: %s", msg["step"], msg["from"], msg["detail"])
+            self._finish_round(False)
+            return
+        self.leading.done.add(msg["from"])
+        if self.leading.done >= set(self.members):
+            self._finish_round(True)
+
+    def _on_ec_result(self, step: int, ok: bool) -> None:
+        if ok and self.pending_meta is not None and self.pending_meta.step == step:
+            self.parity.promote(step)
+            self.meta, self.protected = self.pending_meta, step
+            log.debug("step %d is protected (EC group %s)", step, list(self.members))
+        if self.member_round == step:
+            self.member_round = None
+        self.d.on_commit_state_changed()
+
+    # ---- the worker thread -----------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.connect(EVENTS)
+        links: Links | None = None
+
+        def link_to(node: int):
+            if node != self.node and not self.alive(node):
+                return None
+            endpoint = self.directory.snapshot().get(node, (None,))[0] if node != self.node else self.own_endpoint()
+            return links.to(node, endpoint) if endpoint else None
+
+        while True:
+            job = self.jobs.get()
+            if links is None:
+                links = Links(self.codec)
+            try:
+                event = getattr(self, f"_job_{job[0]}")(link_to, *job[1:])
+            except Exception as exc:  # reported to the event loop, which decides
+                event = {"ev": f"{job[0]}_failed", "args": list(job[1:]), "error": f"{type(exc).__name__}: {exc}"}
+            push.send(msgpack.packb(event, use_bin_type=True))
+
+    def own_endpoint(self) -> str:
+        return self.sock.getsockopt_string(zmq.LAST_ENDPOINT).replace("0.0.0.0", "127.0.0.1")
+
+    def _job_encode(self, link_to, step: int) -> dict:
+        meta = encode_round(step, self.node, self.members, self.cfg.ec_parity, link_to, self.parity,
+                            self.d.timeout, lambda: self.member_round_aborted or self.member_round != step)
+        return {"ev": "encoded", "step": step, "meta": meta.pack()}
+
+    def _job_probe(self, link_to) -> dict:
+        deadline = time.monotonic() + min(self.d.timeout, 30.0)
+        while time.monotonic() < deadline and not all(self.alive(m) for m in self.members):
+            time.sleep(0.2)  # give the group's SMPs a chance to appear after a whole-job start
+        meta = newest_protected(self.members, self.node, link_to, min(self.d.timeout, 30.0))
+        return {"ev": "probed", "meta": meta.pack() if meta else None}
+
+    def _job_rebuild(self, link_to, meta_bytes: bytes, data: NodeData, headers: dict[int, Header]) -> dict:
+        meta = GroupMeta.unpack(meta_bytes)
+        rebuild_node(meta, self.node, data, self.parity, link_to, self.d.timeout)
+        problems = verify(data, headers)
+        if problems:
+            raise RebuildError("rebuilt data fails its checksums: " + "; ".join(problems))
+        return {"ev": "rebuilt", "meta": meta_bytes}
+
+    def _job_transfer(self, link_to, rank: int, step: int, source: int, buf: Buffer, header_bytes: bytes) -> dict:
+        header = Header.unpack(header_bytes)
+        link = link_to(source)
+        if link is None:
+            raise RuntimeError(f"node {source} holding rank {rank}'s step {step} is gone")
+
+        def write(off: int, data: bytes) -> None:
+            buf.segment.buf[HEADER_SIZE + off: HEADER_SIZE + off + len(data)] = data
+
+        fetch_payload(link, rank, step, header.payload_len, write, self.d.timeout)
+        with memoryview(buf.segment.buf) as mv:
+            if header.bad_chunks(mv[HEADER_SIZE: HEADER_SIZE + header.payload_len]):
+                raise RuntimeError(f"rank {rank}'s step {step} fetched from node {source} fails its checksums")
+        return {"ev": "transferred", "rank": rank, "step": step, "header": header_bytes}
+
+    # ---- events from threads ---------------------------------------------------------------------------------
+
+    def _on_event(self, ev: dict[str, Any]) -> None:
+        kind = ev["ev"]
+        if kind == "connected":
+            self._on_connected(ev["secret"])
+        elif kind == "connect_failed":
+            log.error("cannot reach the job's rendezvous store at %s: %s", self.cfg.store, ev["error"])
+            self.rebuilding, self.rebuild_error = False, f"peer discovery failed: {ev['error']}"
+        elif kind == "encoded":
+            self.pending_meta = GroupMeta.unpack(ev["meta"])
+            ok = not self.member_round_aborted and self.member_round == ev["step"]
+            if ok:
+                self.member_round_hard = True
+            self._send(min(m for m in self.members if self.alive(m)), "ec_done", step=ev["step"], ok=ok,
+                       detail="" if ok else "a local buffer was reused during the round")
+        elif kind == "encode_failed":
+            self._send(min(m for m in self.members if self.alive(m)), "ec_done", step=ev["args"][0], ok=False,
+                       detail=ev["error"])
+        elif kind == "probed":
+            self._start_rebuild(ev["meta"])
+        elif kind == "rebuilt":
+            self._finish_rebuild(GroupMeta.unpack(ev["meta"]))
+        elif kind in ("probe_failed", "rebuild_failed"):
+            self.rebuilding, self.rebuild_error = False, ev["error"]
+            log.error("node %d cannot be rebuilt: %s", self.node, ev["error"])
+            self.d.on_commit_state_changed()
+        elif kind == "transferred":
+            self.d.install_transfer(ev["rank"], ev["step"], Header.unpack(ev["header"]))
+        elif kind == "transfer_failed":
+            self.d.fail_transfer(ev["args"][0], ev["args"][1], ev["error"])
+
+    def _start_rebuild(self, meta_bytes: bytes | None) -> None:
+        if meta_bytes is None:
+            self.rebuilding = False
+            self.d.on_commit_state_changed()
+            return
+        meta = GroupMeta.unpack(meta_bytes)
+        mine = meta.manifests[meta.members.index(self.node)]
+        log.info("rebuilding node %d's snapshot of step %d (%d rank(s), %d bytes) from EC group %s", self.node,
+                 meta.step, len(mine), sum(length for _, length, _ in mine), list(meta.members))
+        parts, headers = [], {}
+        for rank, length, header_bytes in mine:
+            header = Header.unpack(header_bytes)
+            buf = self.d.store.of(rank).buffers[0]
+            self.d.store.ensure_size(rank, buf, HEADER_SIZE + length)
+            buf.write_header(Header(BufferState.WRITING, rank=rank, world=header.world, step=header.step,
+                                    epoch=header.epoch))
+            parts.append(Part(rank, buf, length))
+            headers[rank] = header
+        self.jobs.put(("rebuild", meta_bytes, NodeData(parts), headers))
+        self._rebuild_started = time.monotonic()
+
+    def _finish_rebuild(self, meta: GroupMeta) -> None:
+        for rank, _, header_bytes in meta.manifests[meta.members.index(self.node)]:
+            self.d.store.of(rank).buffers[0].write_header(Header.unpack(header_bytes))
+            self.d.refresh_rank(rank)
+        self.parity.promote(meta.step)
+        self.meta, self.protected, self.rebuilding = meta, meta.step, False
+        log.info("rebuilt node %d's snapshot of step %d in %.2fs", self.node, meta.step,
+                 time.monotonic() - self._rebuild_started)
+        self.broadcast_report()
+        self.d.on_commit_state_changed()
+
+    def start_transfer(self, rank: int, step: int, epoch: int, buf: Buffer) -> bool:
+        """Fetch rank's (step, epoch) from a live peer into `buf`; False when no live peer holds it."""
+        for source in self.d.tracker.holders(rank, (step, epoch)):
+            if source >= 0 and self.alive(source):
+                self.jobs.put(("transfer_lookup", rank, step, source, buf))
+                return True
+        return False
+
+    def _job_transfer_lookup(self, link_to, rank: int, step: int, source: int, buf: Buffer) -> dict:
+        link = link_to(source)
+        if link is None:
+            raise RuntimeError(f"node {source} holding rank {rank}'s step {step} is gone")
+        _, blobs = link.request("manifest", self.d.timeout, step=step)
+        for r, _, header_bytes in msgpack.unpackb(blobs[0], raw=False):
+            if r == rank:
+                return self._job_transfer(link_to, rank, step, source, buf, bytes(header_bytes))
+        raise RuntimeError(f"node {source} no longer holds rank {rank}'s step {step}")
+
+    # ---- peer requests ---------------------------------------------------------------------------------------
+
+    def _on_peer(self, frames: list[bytes]) -> None:
+        identity, rest = frames[0], frames[1:]
+        try:
+            msg, blobs = self.codec.unpack(rest)
+        except PeerAuthError as exc:
+            log.warning("rejected a peer message: %s", exc)
+            return
+        self._dispatch(msg, blobs, identity)
+
+    def _dispatch(self, msg: dict[str, Any], blobs: list[bytes], identity: bytes | None) -> None:
+        op = msg["op"]
+        if op == "report":
+            self._on_report(msg)
+        elif op == "ec_start":
+            self._on_ec_start(msg["step"])
+        elif op == "ec_done":
+            self._on_ec_done(msg)
+        elif op == "ec_result":
+            self._on_ec_result(msg["step"], msg["ok"])
+        elif identity is not None and op in ("manifest", "data", "parity", "ec_status", "payload"):
+            try:
+                out = getattr(self, f"_read_{op}")(msg)
+                reply = self.codec.pack("reply", msg["id"], out, ok=True, error="", body=b"")
+            except (KeyError, ValueError, LookupError) as exc:
+                reply = self.codec.pack("reply", msg["id"], (), ok=False, error=str(exc), body=b"")
+            self.sock.send_multipart([identity, *reply], copy=False)
+
+    def _node_data(self, step: int) -> NodeData:
+        parts = []
+        for rank, rb in self.d.store.ranks.items():
+            buf = rb.holding(step)
+            if buf is not None:
+                parts.append(Part(rank, buf, buf.header.payload_len))
+        if step == self.member_round and self.member_round_aborted:
+            raise LookupError(f"step {step} is no longer held (a buffer was reused)")
+        return NodeData(parts)
+
+    def _read_manifest(self, msg) -> list[bytes]:
+        data = self._node_data(msg["step"])
+        return [msgpack.packb([[p.rank, p.length, p.buffer.header.pack()] for p in data.parts], use_bin_type=True)]
+
+    def _read_data(self, msg) -> list[bytes]:
+        data = self._node_data(msg["step"])
+        return [data.read(off, length) for off, length in msg["ranges"]]
+
+    def _read_parity(self, msg) -> list[bytes]:
+        if self.meta is None or self.meta.step != msg["step"]:
+            raise LookupError(f"no parity of step {msg['step']} (protected: {self.protected})")
+        chunk = self.meta.chunk
+        return [self.parity.read(msg["step"], slot * chunk, chunk) for slot in msg["slots"]]
+
+    def _read_ec_status(self, msg) -> list[bytes]:
+        return [self.meta.pack()] if self.meta is not None and not self.rebuilding else []
+
+    def _read_payload(self, msg) -> list[bytes]:
+        buf = self.d.store.of(msg["rank"]).holding(msg["step"])
+        if buf is None:
+            raise LookupError(f"rank {msg['rank']}'s step {msg['step']} is not here")
+        start = HEADER_SIZE + msg["offset"]
+        return [bytes(buf.segment.buf[start: start + msg["length"]])]
+
+    def status(self) -> dict[str, Any]:
+        return {"protected": self.protected, "peers": {str(n): {"alive": self.alive(n), "committed": p.committed,
+                                                                "protected": p.protected}
+                                                       for n, p in sorted(self.peers.items())},
+                "ec_group": list(self.members), "ec_parity": self.cfg.ec_parity, "parity_bytes": self.parity.nbytes(),
+                "rebuilding": self.rebuilding, "rebuild_error": self.rebuild_error}
+
+    def close(self, unlink_all: bool) -> None:
+        self.directory.stop()
+        self.parity.close(unlink_all)
+        if self.sock is not None:
+            self.sock.close(0)
+        self.events.close(0)
+        if self.links is not None:
+            self.links.close()

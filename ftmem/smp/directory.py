@@ -1,0 +1,74 @@
+"""Finding the job's other SMPs through the rendezvous store that torchrun already runs.
+
+Each SMP publishes its peer endpoint under `ftmem/<job>/smp/<node>` and polls for the others; a replacement
+node publishes a new incarnation, which its peers pick up on the next poll. The same store carries the job's
+peer secret when the user gave none (generated once by whichever SMP comes first): that is exactly as trusted
+as the rendezvous itself; set FTMEM_SECRET (or --ftmem-secret-file) where the store network is not trusted.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from datetime import timedelta
+
+import msgpack
+from torch.distributed import TCPStore
+
+from ftmem.log import get_logger
+
+log = get_logger("smp")
+
+
+class Directory:
+    """Background thread publishing this SMP and collecting peers: node -> (endpoint, incarnation)."""
+
+    def __init__(self, store_endpoint: str, job: str, node: int, nnodes: int, timeout: float) -> None:
+        host, _, port = store_endpoint.rpartition(":")
+        self._host, self._port = host or "127.0.0.1", int(port)
+        self._prefix = f"ftmem/{job}/"
+        self.node, self.nnodes, self.timeout = node, nnodes, timeout
+        self.peers: dict[int, tuple[str, str]] = {}
+        self._lock = threading.Lock()
+        self._store: TCPStore | None = None
+        self._stop = threading.Event()
+
+    def connect(self) -> None:
+        self._store = TCPStore(self._host, self._port, is_master=False, timeout=timedelta(seconds=self.timeout),
+                               wait_for_workers=False)
+
+    def secret(self) -> bytes:
+        """The job's shared secret, created by the first SMP that asks."""
+        assert self._store is not None
+        key = self._prefix + "secret"
+        value = self._store.compare_set(key, "", secrets.token_hex(32))
+        return bytes(value)
+
+    def publish(self, endpoint: str, incarnation: str) -> None:
+        assert self._store is not None
+        self._store.set(f"{self._prefix}smp/{self.node}", msgpack.packb([endpoint, incarnation]))
+
+    def start(self) -> None:
+        threading.Thread(target=self._poll, name="ftmem-directory", daemon=True).start()
+
+    def snapshot(self) -> dict[int, tuple[str, str]]:
+        with self._lock:
+            return dict(self.peers)
+
+    def _poll(self) -> None:
+        keys = {n: f"{self._prefix}smp/{n}" for n in range(self.nnodes) if n != self.node}
+        while not self._stop.is_set():
+            try:
+                present = [n for n, k in keys.items() if self._store.check([k])]
+                found = {n: tuple(msgpack.unpackb(self._store.get(keys[n]))) for n in present}
+            except Exception as exc:  # the store host is gone: keep what we know, retry
+                log.warning("peer directory: %s", exc)
+                self._stop.wait(2.0)
+                continue
+            with self._lock:
+                self.peers = found
+            self._stop.wait(0.5)
+
+    def stop(self) -> None:
+        self._stop.set()

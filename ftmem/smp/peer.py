@@ -1,0 +1,162 @@
+"""SMP-to-SMP messages over zmq TCP: msgpack headers plus raw data frames, authenticated with a per-job secret.
+
+Wire format, one zmq multipart message: ``[mac, header, *blobs]``. `mac` is HMAC-SHA256 over the header and
+every blob, keyed by the job's secret; the header is a msgpack map with `op`, `id`, `job` and `from` checked
+against PEER_SCHEMA. A frame with a wrong or missing MAC, for another job, oversized or malformed is dropped
+with a log line, before any field of it is used. No pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import os
+import threading
+import time
+from typing import Any, Sequence
+
+import zmq
+
+from ftmem.smp.protocol import ProtocolError, decode, encode
+
+MAX_PEER_BYTES = 256 << 20
+MAX_HEADER_BYTES = 4 << 20
+_N = int  # readability of the schema below
+
+PEER_SCHEMA: dict[str, dict[str, type]] = {
+    # node state, sent on every change and as a heartbeat: [[rank, step, epoch], ...]
+    "report": {"incarnation": str, "epoch": int, "committed": int, "protected": int, "complete": list},
+    # erasure-coding rounds, driven by the group leader
+    "ec_start": {"step": _N},
+    "ec_done": {"step": _N, "ok": bool, "detail": str},
+    "ec_result": {"step": _N, "ok": bool},
+    # reads served from shared memory (replies carry data as blobs)
+    "manifest": {"step": _N},
+    "data": {"step": _N, "ranges": list},         # [[offset, length], ...] of the node's data for step
+    "parity": {"step": _N, "slots": list},        # slots of the node's parity buffer of protected step
+    "ec_status": {},
+    "payload": {"rank": _N, "step": _N, "offset": _N, "length": _N},
+    "reply": {"ok": bool, "error": str, "body": bytes},
+}
+
+
+class PeerAuthError(ValueError):
+    """A peer message that failed authentication or validation."""
+
+
+class PeerCodec:
+    """Signs and verifies peer messages of one job."""
+
+    def __init__(self, secret: bytes, job: str, node: int) -> None:
+        if len(secret) < 16:
+            raise ValueError("ftmem: the peer secret must be at least 16 bytes")
+        self._secret = secret
+        self.job = job
+        self.node = node
+
+    def _mac(self, parts: Sequence[bytes | memoryview]) -> bytes:
+        mac = hmac.new(self._secret, digestmod=hashlib.sha256)
+        for p in parts:
+            mac.update(len(p).to_bytes(8, "little"))
+            mac.update(p)
+        return mac.digest()
+
+    def pack(self, op: str, req_id: int, blobs: Sequence[bytes | memoryview] = (), **fields: Any) -> list:
+        header = encode({"op": op, "id": req_id, "job": self.job, "from": self.node, **fields})
+        return [self._mac([header, *blobs]), header, *blobs]
+
+    def unpack(self, frames: Sequence[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+        """Verify and decode ``[mac, header, *blobs]``; PeerAuthError says why a message is rejected."""
+        if len(frames) < 2:
+            raise PeerAuthError("truncated peer message (no header)")
+        if sum(len(f) for f in frames) > MAX_PEER_BYTES:
+            raise PeerAuthError(f"peer message larger than {MAX_PEER_BYTES} bytes")
+        mac, header, blobs = frames[0], frames[1], list(frames[2:])
+        if len(mac) != 32 or not hmac.compare_digest(mac, self._mac([header, *blobs])):
+            raise PeerAuthError("bad or missing MAC (wrong secret, or a corrupted or truncated frame)")
+        schema = {op: {**fields, "job": str, "from": int} for op, fields in PEER_SCHEMA.items()}
+        try:
+            msg = decode(header, schema, MAX_HEADER_BYTES)
+        except ProtocolError as exc:
+            raise PeerAuthError(str(exc)) from exc
+        if msg["job"] != self.job:
+            raise PeerAuthError(f"message for job {msg['job']!r}, not {self.job!r}")
+        return msg, blobs
+
+
+class PeerLink:
+    """Outgoing connection to one peer SMP. Not thread-safe: each thread owns its links."""
+
+    def __init__(self, codec: PeerCodec, endpoint: str) -> None:
+        self.codec = codec
+        self.endpoint = endpoint
+        self._ids = itertools.count(1)
+        self._sock: zmq.Socket | None = None
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            self._sock = zmq.Context.instance().socket(zmq.DEALER)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.setsockopt(zmq.SNDHWM, 1000)
+            self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_PEER_BYTES + 4096)
+            self._sock.connect(self.endpoint)
+        return self._sock
+
+    def send(self, op: str, blobs: Sequence[bytes | memoryview] = (), **fields: Any) -> None:
+        """Fire and forget (dropped if the peer is unreachable long enough to fill the queue)."""
+        try:
+            self._socket().send_multipart(self.codec.pack(op, 0, blobs, **fields), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            pass
+
+    def request(self, op: str, timeout: float, **fields: Any) -> tuple[dict[str, Any], list[bytes]]:
+        """Send a request and wait for its reply; TimeoutError on silence, RuntimeError on an error reply."""
+        req_id = next(self._ids)
+        sock = self._socket()
+        sock.send_multipart(self.codec.pack(op, req_id, **fields), copy=False)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not sock.poll(int(left * 1000) + 1):
+                continue
+            try:
+                msg, blobs = self.codec.unpack(sock.recv_multipart())
+            except PeerAuthError:
+                continue
+            if msg["op"] == "reply" and msg["id"] == req_id:
+                if not msg["ok"]:
+                    raise RuntimeError(f"peer {self.endpoint} refused {op!r}: {msg['error']}")
+                return msg, blobs
+        self.close()  # a late reply must not be taken for the next request's
+        raise TimeoutError(f"peer {self.endpoint} did not answer {op!r} within {timeout:.0f}s")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+
+def new_incarnation() -> str:
+    return f"{os.getpid()}-{time.time_ns()}"
+
+
+class Links:
+    """A thread's set of PeerLinks keyed by node, rebuilt when a node's endpoint changes."""
+
+    def __init__(self, codec: PeerCodec) -> None:
+        self.codec = codec
+        self._links: dict[int, PeerLink] = {}
+        self._lock = threading.Lock()
+
+    def to(self, node: int, endpoint: str) -> PeerLink:
+        link = self._links.get(node)
+        if link is None or link.endpoint != endpoint:
+            if link is not None:
+                link.close()
+            link = self._links[node] = PeerLink(self.codec, endpoint)
+        return link
+
+    def close(self) -> None:
+        for link in self._links.values():
+            link.close()
+        self._links.clear()

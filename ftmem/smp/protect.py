@@ -1,0 +1,94 @@
+"""One erasure-coding round on a group member: compute this node's parity blocks for a committed step.
+
+Runs on the SMP's worker thread, never on the training path. Data is pulled from the group's members (this
+node included) over the peer protocol in batches of stripes, so memory stays bounded and every read of a
+snapshot buffer is served by its owner's event loop, serialized with buffer reuse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import msgpack
+
+from ftmem.erasure import StripeLayout, choose_chunk_size, encode_parity, pad
+from ftmem.smp.parity import ParityStore
+from ftmem.smp.peer import PeerLink
+
+BATCH_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class GroupMeta:
+    """What a protected step's parity was computed over; every member keeps it to rebuild any other member."""
+
+    step: int
+    n: int
+    f: int
+    chunk: int
+    members: tuple[int, ...]
+    manifests: tuple[tuple[tuple[int, int, bytes], ...], ...]  # per member: (rank, payload_len, header)
+
+    @property
+    def layout(self) -> StripeLayout:
+        sizes = tuple(sum(length for _, length, _ in m) for m in self.manifests)
+        return StripeLayout(self.n, self.f, self.chunk, sizes)
+
+    def pack(self) -> bytes:
+        return msgpack.packb([self.step, self.n, self.f, self.chunk, list(self.members),
+                              [[list(r) for r in m] for m in self.manifests]], use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "GroupMeta":
+        step, n, f, chunk, members, manifests = msgpack.unpackb(data, raw=False)
+        return cls(step, n, f, chunk, tuple(members),
+                   tuple(tuple((r, length, bytes(h)) for r, length, h in m) for m in manifests))
+
+
+def fetch_manifest(link: PeerLink, step: int, timeout: float) -> tuple[tuple[int, int, bytes], ...]:
+    _, blobs = link.request("manifest", timeout, step=step)
+    return tuple((r, length, bytes(h)) for r, length, h in msgpack.unpackb(blobs[0], raw=False))
+
+
+def fetch_ranges(link: PeerLink, step: int, ranges: list[tuple[int, int]], timeout: float) -> list[bytes]:
+    """Read [offset, length) ranges of a member's data for `step`, batched under the frame limit."""
+    out: list[bytes] = []
+    batch: list[list[int]] = []
+    size = 0
+    for off, length in [*ranges, (0, -1)]:
+        if batch and (length < 0 or size + length > BATCH_BYTES):
+            out.extend(link.request("data", timeout, step=step, ranges=batch)[1])
+            batch, size = [], 0
+        if length >= 0:
+            batch.append([off, length])
+            size += length
+    return out
+
+
+def encode_round(step: int, node: int, members: tuple[int, ...], f: int, link_to: Callable[[int], PeerLink],
+                 parity: ParityStore, timeout: float, aborted: Callable[[], bool]) -> GroupMeta:
+    """Compute and store this node's parity for `step`; raise if any member no longer holds the step."""
+    manifests = tuple(fetch_manifest(link_to(m), step, timeout) for m in members)
+    n, k = len(members), len(members) - f
+    sizes = [sum(length for _, length, _ in m) for m in manifests]
+    meta = GroupMeta(step, n, f, choose_chunk_size(max(sizes), k), members, manifests)
+    layout, me = meta.layout, members.index(node)
+    seg = parity.work(step, layout.parity_bytes(me))
+    stripes = layout.parity_stripes(me)
+    per_batch = max(1, BATCH_BYTES // (layout.chunk_size * k))
+    for start in range(0, len(stripes), per_batch):
+        if aborted():
+            raise RuntimeError(f"round of step {step} aborted: a local buffer was reused")
+        batch = stripes[start: start + per_batch]
+        wanted = {d: [(t, layout.data_chunk(t, d)) for t in batch if d in layout.data_members(t)] for d in range(n)}
+        chunks = {}
+        for d, items in wanted.items():
+            if items:
+                data = fetch_ranges(link_to(members[d]), step, [rng for _, rng in items], timeout)
+                chunks.update({(t, d): block for (t, _), block in zip(items, data)})
+        for t in batch:
+            blocks = [pad(chunks[(t, d)], layout.chunk_size) for d in layout.data_members(t)]
+            (block,) = encode_parity(k, n, blocks, [layout.parity_index(t, me)])
+            parity.write(seg, layout.parity_slot(t, me) * layout.chunk_size, block)
+    return meta
