@@ -404,6 +404,13 @@ def main(argv: list[str] | None = None) -> int:
             with open(tmp, "w") as f:
                 f.write(digest + "\n")
             os.replace(tmp, args.hash_file)
+    # Tear down in an order that cannot deadlock. gloo's worker thread frees a finished collective's tensors
+    # after the caller has moved on, and freeing a tensor that python has seen needs the GIL; if the process
+    # group were destroyed from DDP's Reducer (whose destructor joins that thread while holding the GIL), ranks
+    # would hang at exit. So: a barrier (after it the worker is idle), drop our references to DDP, then destroy
+    # the group (its python binding releases the GIL while joining).
+    dist.barrier()
+    del snap, trainer
     dist.destroy_process_group()
     return 0
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ftmem.smp.protocol import ControlClient, SmpUnavailable
 from ftmem.smp.shm import list_segments, unlink
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,6 +38,7 @@ class Cluster:
         self.runtime = tmp / "run"
         self.runtime.mkdir(mode=0o700)
         self.procs: list[tuple[subprocess.Popen, Path]] = []
+        self.clients: list[ControlClient] = []
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "FTMEM_RUNTIME_DIR": str(self.runtime),
                     "FTMEM_JOB_ID": self.job, "PYTHONUNBUFFERED": "1", "FTMEM_TIMEOUT": "120"}
 
@@ -81,6 +83,66 @@ class Cluster:
         with open(self.runtime / f"{self.job}.n{node}.json") as f:
             return json.load(f)
 
+    # ---- helpers for tests that drive or kill processes directly -------------------------------------------
+
+    def control_address(self, node: int = 0) -> str:
+        return f"ipc://{self.runtime}/{self.job}.n{node}.sock"
+
+    def start_smp(self, *args: str, node: int = 0, name: str = "smp", **env: str) -> subprocess.Popen:
+        """A bare SMP of this job (`python -m ftmem.smp`), returned once it answers `ping`."""
+        proc = self.python(["-m", "ftmem.smp", "--job-id", self.job, "--node", str(node), *args], name, **env)
+        client = ControlClient(self.control_address(node), timeout=60.0, retry_interval=0.5)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"SMP exited with {proc.returncode} at start\n{self.logs()}")
+                try:
+                    client.call("ping", timeout=1.0)
+                    return proc
+                except SmpUnavailable:
+                    if time.monotonic() > deadline:
+                        pytest.fail(f"SMP did not answer within 60s\n{self.logs()}")
+        finally:
+            client.close()
+
+    def client(self, node: int = 0, timeout: float = 10.0, retry_interval: float = 5.0) -> ControlClient:
+        c = ControlClient(self.control_address(node), timeout=timeout, retry_interval=retry_interval)
+        self.clients.append(c)
+        return c
+
+    def segments(self) -> list[str]:
+        return list_segments(f"ftmem.{self.job}.")
+
+    def smp_log(self, node: int = 0) -> str:
+        path = self.runtime / f"{self.job}.n{node}.smp.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def workers(self, proc: subprocess.Popen) -> dict[int, psutil.Process]:
+        """Live worker processes under `proc` (a launcher), by LOCAL_RANK."""
+        found = {}
+        try:
+            children = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return found
+        for child in children:
+            try:
+                if str(EXAMPLE) not in " ".join(child.cmdline()) and EXAMPLE.name not in child.cmdline():
+                    continue
+                local_rank = child.environ().get("LOCAL_RANK")
+            except psutil.Error:
+                continue
+            if local_rank is not None:
+                found[int(local_rank)] = child
+        return found
+
+    def wait_until(self, predicate, timeout: float, what: str, interval: float = 0.05) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out after {timeout}s waiting for {what}\n{self.logs()}")
+            time.sleep(interval)
+
     def logs(self) -> str:
         parts = [f"--- {log.name} ---\n{log.read_text(errors='replace')[-6000:]}" for _, log in self.procs]
         parts += [f"--- {p.name} ---\n{p.read_text(errors='replace')[-4000:]}"
@@ -88,6 +150,8 @@ class Cluster:
         return "\n".join(parts)
 
     def cleanup(self) -> None:
+        for client in self.clients:
+            client.close()
         for proc, _ in self.procs:
             try:
                 members = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
@@ -118,6 +182,14 @@ class Cluster:
 @pytest.fixture
 def cluster(tmp_path: Path):
     c = Cluster(tmp_path)
+    yield c
+    c.cleanup()
+
+
+@pytest.fixture(scope="module")
+def module_cluster(tmp_path_factory):
+    """A Cluster shared by the tests of one module (e.g. for a golden run computed once)."""
+    c = Cluster(tmp_path_factory.mktemp("mod"))
     yield c
     c.cleanup()
 

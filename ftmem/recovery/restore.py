@@ -69,9 +69,9 @@ def _all_gather_rows(row: torch.Tensor, world: int) -> list[torch.Tensor]:
     return [r.cpu() for r in rows]
 
 
-def _agree(local: tuple[int, list[list[int]]] | str, world: int) -> tuple[tuple[int, int] | None, int]:
+def _agree(local: tuple[int, list[list[int]]] | str, world: int, lost: str = "") -> tuple[tuple[int, int] | None, int]:
     """Return the newest (step, epoch) on every rank's list and the new epoch; `local` is an error string when
-    this rank failed before agreement."""
+    this rank failed before agreement; `lost` is what this rank's SMP knows about data it could not rebuild."""
     row = torch.full((2 + 2 * MAX_CANDIDATES,), -1, dtype=torch.int64)
     if isinstance(local, str):
         row[1] = -2
@@ -88,6 +88,13 @@ def _agree(local: tuple[int, list[list[int]]] | str, world: int) -> tuple[tuple[
         raise RestoreError(f"ftmem: restore failed on rank(s) {failed}: {detail}")
     lists = [{(int(x[2 + 2 * i]), int(x[3 + 2 * i])) for i in range(int(x[1]))} for x in rows]
     common = set.intersection(*lists)
+    if not common and any(lists):
+        empty = [r for r, snaps in enumerate(lists) if not snaps]
+        newest = max(s for snaps in lists for s, _ in snaps)
+        raise RestoreError(f"ftmem: no snapshot is restorable on every rank: rank(s) {empty or 'all'} lost theirs "
+                           f"(others hold up to step {newest}). More failures than the erasure code tolerates, or "
+                           f"stale memory of another run with this job id ('ftmem clean'). Refusing to restart "
+                           f"from scratch silently. {lost}".rstrip())
     best = max(common) if common else None
     return best, max(int(x[0]) for x in rows) + 1
 
@@ -134,13 +141,14 @@ def restore_rank(client: ControlClient, rank: int, world: int, local_rank: int, 
                  optimizer: torch.optim.Optimizer, extra: Mapping[str, Stateful]) -> RestoreResult:
     start = time.perf_counter()
     local: tuple[int, list[list[int]]] | str
+    lost = ""
     try:
         client.call("register", rank=rank, world=world, local_rank=local_rank, pid=os.getpid())
         reply = client.call("available", rank=rank)
-        local = (reply["epoch"], reply["steps"])
+        local, lost = (reply["epoch"], reply["steps"]), reply.get("lost", "")
     except Exception as exc:  # reported to every rank by _agree
         local = f"{type(exc).__name__}: {exc}"
-    chosen, epoch = _agree(local, world)
+    chosen, epoch = _agree(local, world, lost)
     error, source, nbytes = None, "none", 0
     try:
         step = -1 if chosen is None else chosen[0]

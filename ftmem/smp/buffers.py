@@ -19,16 +19,18 @@ class Buffer:
     index: int
     segment: Segment | None = None
     header: Header = field(default_factory=lambda: Header(BufferState.EMPTY))
+    origin: str = "local memory"  # how its snapshot got here: written by the rank, rebuilt, fetched
 
     @property
     def complete_step(self) -> int | None:
         return self.header.step if self.header.state == BufferState.COMPLETE else None
 
-    def write_header(self, header: Header) -> None:
+    def write_header(self, header: Header, origin: str = "local memory") -> None:
         assert self.segment is not None
         packed = header.pack()
         self.segment.buf[: len(packed)] = packed
         self.header = header
+        self.origin = origin
 
 
 @dataclass

@@ -348,7 +348,7 @@ class Cluster:
         with memoryview(buf.segment.buf) as mv:
             if header.bad_chunks(mv[HEADER_SIZE: HEADER_SIZE + header.payload_len]):
                 raise RuntimeError(f"rank {rank}'s step {step} fetched from node {source} fails its checksums")
-        return {"ev": "transferred", "rank": rank, "step": step, "header": header_bytes}
+        return {"ev": "transferred", "rank": rank, "step": step, "header": header_bytes, "source": source}
 
     # ---- events from threads ---------------------------------------------------------------------------------
 
@@ -378,7 +378,7 @@ class Cluster:
             log.error("node %d cannot be rebuilt: %s", self.node, ev["error"])
             self.d.on_commit_state_changed()
         elif kind == "transferred":
-            self.d.install_transfer(ev["rank"], ev["step"], Header.unpack(ev["header"]))
+            self.d.install_transfer(ev["rank"], ev["step"], Header.unpack(ev["header"]), ev["source"])
         elif kind == "transfer_failed":
             self.d.fail_transfer(ev["args"][0], ev["args"][1], ev["error"])
 
@@ -405,7 +405,8 @@ class Cluster:
 
     def _finish_rebuild(self, meta: GroupMeta) -> None:
         for rank, _, header_bytes in meta.manifests[meta.members.index(self.node)]:
-            self.d.store.of(rank).buffers[0].write_header(Header.unpack(header_bytes))
+            self.d.store.of(rank).buffers[0].write_header(
+                Header.unpack(header_bytes), origin=f"erasure code (rebuilt from nodes {list(meta.members)})")
             self.d.refresh_rank(rank)
         self.parity.promote(meta.step)
         self.meta, self.protected, self.rebuilding = meta, meta.step, False

@@ -254,7 +254,7 @@ class SnapshotDaemon:
             return {"source": "none"}
         buf = rb.holding(restart)
         if buf is not None:
-            return {"source": "local memory", "segment": buf.segment.name}
+            return {"source": buf.origin, "segment": buf.segment.name}
         error = self.transfer_errors.pop((rank, restart), None)
         if error is not None:
             raise RequestError(error)
@@ -287,10 +287,10 @@ class SnapshotDaemon:
         """Room for a fetched payload: any local buffer's size is a good guess; the transfer regrows if not."""
         return max((b.segment.size - HEADER_SIZE for b in self.store.of(rank).buffers if b.segment), default=0)
 
-    def install_transfer(self, rank: int, step: int, header: Header) -> None:
+    def install_transfer(self, rank: int, step: int, header: Header, source: int) -> None:
         rb = self.store.of(rank)
         buf = next(b for b in rb.buffers if b.header.state == BufferState.WRITING and b.header.step == step)
-        buf.write_header(header)
+        buf.write_header(header, origin=f"node {source}'s memory (rank moved)")
         log.info("rank %d's snapshot of step %d is now local", rank, step)
         self.refresh_rank(rank)
 

@@ -1,0 +1,51 @@
+"""Killing a whole simulated node: its `ftmem-run`, the agent's workers, its SMP and its shared memory.
+
+Only the processes of that node are touched, found by PID from the launcher down and from the SMP's info file;
+nothing is matched by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import psutil
+
+from ftmem.env import NodeEnv
+from ftmem.smp.shm import list_segments, unlink
+
+
+def node_processes(launcher_pid: int, env: NodeEnv) -> list[psutil.Process]:
+    """The launcher, all its descendants, and the node's SMP (which runs in a session of its own)."""
+    procs: list[psutil.Process] = []
+    try:
+        launcher = psutil.Process(launcher_pid)
+        procs = [launcher, *launcher.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        pass
+    try:
+        with open(env.info_path) as f:
+            smp = psutil.Process(json.load(f)["pid"])
+        if smp.pid not in {p.pid for p in procs}:
+            procs.append(smp)
+    except (OSError, ValueError, KeyError, psutil.NoSuchProcess):
+        pass
+    return procs
+
+
+def kill_node(launcher_pid: int, env: NodeEnv) -> list[int]:
+    """SIGKILL every process of the node at once and unlink its segments, as if the machine died."""
+    procs = node_processes(launcher_pid, env)
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    for name in list_segments(env.segment_prefix):
+        unlink(name)
+    for path in (env.info_path, env.socket_path):
+        if os.path.exists(path):
+            os.unlink(path)
+    return [p.pid for p in procs]

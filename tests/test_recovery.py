@@ -1,0 +1,276 @@
+"""End to end golden-run comparisons with examples/train_gpt.py: whatever dies (a rank, at any phase of the
+snapshot protocol, the SMP, everything but the launcher, the launcher itself), the job resumes from memory and
+ends with the same final hash as a run without failures; a corrupt snapshot is never silently loaded."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import sys
+
+import psutil
+import pytest
+
+from conftest import EXAMPLE, Cluster, final_hash
+from ftmem.smp.layout import HEADER_SIZE, BufferState, Descriptor, Header, LayoutError
+from ftmem.smp.shm import Segment
+
+STEPS = ["--steps", "24"]
+TWO = ["--nproc-per-node", "2"]
+SLOW = ["--step-sleep", "0.05"]  # so a kill from outside lands mid-run
+
+
+@pytest.fixture(scope="module")
+def golden2(module_cluster):
+    """Final hash of the 2-rank job without the hook (computed once per module)."""
+    c = module_cluster
+    run = c.start([sys.executable, "-m", "torch.distributed.run", "--standalone", *TWO, str(EXAMPLE), *STEPS,
+                   "--no-ftmem"], name="golden2")
+    return final_hash(c.wait(run, timeout=120))
+
+
+@pytest.fixture(scope="module")
+def golden1(module_cluster):
+    """Final hash of the single-process job without the hook."""
+    c = module_cluster
+    return final_hash(c.wait(c.python([str(EXAMPLE), *STEPS, "--no-ftmem"], name="golden1"), timeout=120))
+
+
+def restored_steps(output: str) -> list[int]:
+    return [int(s) for s in re.findall(r"restored step (\d+) from local memory", output)]
+
+
+def wait_ok(cluster: Cluster, proc, timeout: float = 120) -> str:
+    out = cluster.wait(proc, timeout=timeout)
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n{cluster.logs()}"
+    return out
+
+
+def job_processes(cluster: Cluster) -> list[psutil.Process]:
+    """Live processes whose command line names this test's job (self-started SMPs run detached)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.info["cmdline"] and cluster.job in " ".join(p.info["cmdline"]):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+
+
+def test_hook_changes_no_result(cluster, golden2):
+    out = wait_ok(cluster, cluster.ftmem_run(TWO, STEPS))
+    assert final_hash(out) == golden2
+    assert "no snapshot to restore, starting at step 0" in out and "resumed-at-step" not in out
+    assert restored_steps(out) == []
+    assert cluster.segments() == [], "a successful ftmem-run leaves no segments behind"
+    assert "segments removed" in cluster.smp_log()
+
+
+def test_rank_sigkilled_at_a_random_step(cluster, golden2):
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    step = rng.randint(2, 16)
+    print(f"seed {seed}: SIGKILL rank 1 after rank 0 printed step {step}")
+    run = cluster.ftmem_run([*TWO, "--max-restarts", "2"], [*STEPS, *SLOW])
+    cluster.wait_for_line(run, f"step {step} loss")
+    workers = cluster.workers(run)
+    assert set(workers) == {0, 1}, f"workers found: {workers} (seed {seed})"
+    workers[1].kill()
+    out = wait_ok(cluster, run)
+    assert final_hash(out) == golden2, f"seed {seed}"
+    restored = restored_steps(out)
+    assert restored, f"no 'restored step' line (seed {seed})\n{cluster.logs()}"
+    # a snapshot every step: at most the steps in flight are lost
+    assert step - 2 <= restored[0] <= 23, f"restored {restored} after a kill at step {step} (seed {seed})"
+    assert f"resumed-at-step {restored[0] + 1}" in out
+
+
+@pytest.mark.parametrize("point", ["mid_copy", "before_local_commit", "after_local_commit"])
+def test_rank_crash_point_is_recovered_bit_identically(cluster, golden2, point):
+    marker = cluster.tmp / "crash"
+    run = cluster.ftmem_run([*TWO, "--max-restarts", "2"], STEPS, FTMEM_CRASH_AT=f"{point}@9@1",
+                            FTMEM_CRASH_MARKER=str(marker))
+    out = wait_ok(cluster, run)
+    assert (cluster.tmp / f"crash.{point}.9").exists(), "the crash point never fired"
+    assert final_hash(out) == golden2
+    restored = restored_steps(out)
+    if point == "after_local_commit":
+        assert restored and restored[0] in (8, 9), restored  # 9 if rank 0 completed step 9 too
+    else:
+        assert restored and restored[0] == 8, restored       # rank 1 never completed step 9
+
+
+def test_smp_killed_mid_run_is_restarted_and_readopts(cluster, golden2):
+    """The SMP dies twice in one run: at the crash point right after it recorded the first local commit of
+    step 5, then by SIGKILL from outside at a random later step. Each time the launcher restarts it, the new
+    SMP re-adopts the segments, and the job ends with the golden hash."""
+    seed = random.randrange(2**32)
+    step = random.Random(seed).randint(10, 16)
+    print(f"seed {seed}: crash point smp_after_local_commit@5, then SIGKILL the SMP after step {step}")
+    run = cluster.ftmem_run([*TWO, "--max-restarts", "3"], [*STEPS, *SLOW],
+                            FTMEM_CRASH_AT="smp_after_local_commit@5", FTMEM_CRASH_MARKER=str(cluster.tmp / "crash"))
+    cluster.wait_for_line(run, f"step {step} loss")
+    assert (cluster.tmp / "crash.smp_after_local_commit.5").exists(), "the crash point never fired"
+    cluster.wait_until(lambda: "restarting it (restart 1)" in cluster.output(run), 30, "the first SMP restart")
+    second = cluster.smp_info()["pid"]
+    assert re.search(rf"serving job .* \(pid {second}\)", cluster.smp_log()), "not the restarted SMP"
+    kill(second)
+    out = wait_ok(cluster, run)
+    assert final_hash(out) == golden2, f"seed {seed}"
+    assert re.search(r"SMP of node 0 exited with code -9; restarting it \(restart 2\)", out), cluster.logs()
+    log = cluster.smp_log()
+    assert len(re.findall(r"re-adopted \d+ verified snapshot", log)) == 2, log
+    assert len(re.findall(r"serving job .* \(pid \d+\)", log)) == 3, log
+    assert cluster.segments() == []
+
+
+def test_all_ranks_and_the_smp_killed_together(cluster, golden2):
+    seed = random.randrange(2**32)
+    step = random.Random(seed).randint(3, 15)
+    print(f"seed {seed}: SIGKILL both ranks and the SMP after step {step}")
+    run = cluster.ftmem_run([*TWO, "--max-restarts", "2"], [*STEPS, *SLOW])
+    cluster.wait_for_line(run, f"step {step} loss")
+    workers = cluster.workers(run)
+    assert set(workers) == {0, 1}, workers
+    smp = cluster.smp_info()["pid"]
+    for w in workers.values():
+        w.kill()
+    kill(smp)
+    out = wait_ok(cluster, run)
+    assert final_hash(out) == golden2, f"seed {seed}"
+    log = cluster.smp_log()
+    assert re.search(r"re-adopted \d+ verified snapshot", log), log
+    restored = restored_steps(out)
+    assert restored and restored[0] >= step - 2, (restored, step, seed)
+    assert "restarting it (restart 1)" in out
+
+
+def _assert_self_started_smp_gone(cluster: Cluster) -> None:
+    """The SMP a rank started exits once every rank closed, removing the job's segments."""
+    cluster.wait_until(lambda: not job_processes(cluster) and not cluster.segments(), 30,
+                       "the self-started SMP to exit and remove the job's segments")
+    log = cluster.smp_log()
+    assert "every rank of job" in log and "segments removed" in log, log
+    assert not (cluster.runtime / f"{cluster.job}.n0.json").exists()
+
+
+def test_hook_under_plain_torchrun(cluster, golden2):
+    run = cluster.start([sys.executable, "-m", "torch.distributed.run", "--standalone", *TWO, str(EXAMPLE),
+                         *STEPS], name="torchrun")
+    out = wait_ok(cluster, run)
+    assert "starting one" in out, "the hook did not start its own SMP"
+    assert final_hash(out) == golden2
+    _assert_self_started_smp_gone(cluster)
+
+
+def test_hook_under_plain_python(cluster, golden1):
+    out = wait_ok(cluster, cluster.python([str(EXAMPLE), *STEPS], name="python"))
+    assert final_hash(out) == golden1
+    _assert_self_started_smp_gone(cluster)
+
+
+def test_rerun_of_a_failed_job_resumes_from_memory(cluster, golden2):
+    first = cluster.ftmem_run([*TWO, "--max-restarts", "0"], STEPS, name="first", FTMEM_CRASH_AT="mid_copy@13@1",
+                              FTMEM_CRASH_MARKER=str(cluster.tmp / "crash"))
+    out1 = cluster.wait(first, timeout=120)
+    assert first.returncode != 0, "the job should have failed without restarts"
+    assert "final-hash" not in out1
+    kept = cluster.segments()
+    assert kept, "a failed job must keep its snapshots in memory"
+    cluster.wait_until(lambda: not job_processes(cluster), 30, "every process of the failed job to exit")
+
+    second = cluster.ftmem_run(TWO, STEPS, name="second")
+    out2 = wait_ok(cluster, second)
+    assert restored_steps(out2) and restored_steps(out2)[0] == 12, out2
+    assert "resumed-at-step 13" in out2
+    assert final_hash(out2) == golden2
+    assert "re-adopted" in cluster.smp_log()
+    assert cluster.segments() == []
+
+
+# ------------------------------------------------------------------------------------------------ corruption
+
+
+def _snapshots(cluster: Cluster) -> dict[int, tuple[str, Header]]:
+    """Complete snapshots of rank 0 in shared memory, by step."""
+    found = {}
+    for name in cluster.segments():
+        seg = Segment.open(name, populate=False)
+        try:
+            h = Header.unpack(seg.buf[:HEADER_SIZE])
+        except LayoutError:
+            continue
+        finally:
+            seg.close()
+        if h.state == BufferState.COMPLETE and h.rank == 0:
+            found[h.step] = (name, h)
+    return found
+
+
+def _corrupt_newest(cluster: Cluster) -> tuple[int, str]:
+    """Flip one byte in the middle of the largest tensor of the newest complete snapshot; (step, tensor)."""
+    snaps = _snapshots(cluster)
+    assert sorted(snaps) == [11, 12], snaps
+    name, h = snaps[12]
+    seg = Segment.open(name, populate=False)
+    try:
+        start = HEADER_SIZE + h.desc_off
+        desc = Descriptor.unpack(bytes(seg.buf[start: start + h.desc_len]))
+        assert (desc.step, desc.rank) == (12, 0)
+        entry = max(desc.entries, key=lambda e: e.nbytes)
+        pos = HEADER_SIZE + entry.offset + entry.nbytes // 2
+        seg.buf[pos] ^= 0x10
+    finally:
+        seg.close()
+    return 12, entry.name
+
+
+def _crash_single_process_after_step_12(cluster: Cluster) -> None:
+    crashed = cluster.python([str(EXAMPLE), *STEPS], name="crashed", FTMEM_CRASH_AT="after_local_commit@12",
+                             FTMEM_CRASH_MARKER=str(cluster.tmp / "crash"))
+    cluster.wait(crashed, timeout=120)
+    assert crashed.returncode == -signal.SIGKILL, cluster.logs()
+
+
+def test_corrupt_snapshot_is_reported_not_loaded(cluster, golden1):
+    """The SMP stays up while a snapshot is damaged: the rank's checksum check catches it, the restore fails
+    naming rank, step and tensor, and the next attempt restores the older consistent step."""
+    _crash_single_process_after_step_12(cluster)
+    step, tensor = _corrupt_newest(cluster)
+    print(f"flipped a byte of {tensor} in the snapshot of step {step}")
+
+    failed = cluster.python([str(EXAMPLE), *STEPS], name="restore-corrupt")
+    out = cluster.wait(failed, timeout=120)
+    assert failed.returncode != 0, "a corrupt snapshot was loaded"
+    assert "final-hash" not in out
+    m = re.search(r"snapshot of step (\d+) for rank (\d+) is corrupt: .*covering (.*)", out)
+    assert m, out
+    assert (int(m.group(1)), int(m.group(2))) == (step, 0)
+    assert tensor in m.group(3).split(", "), m.group(0)
+    assert "restore failed on rank(s) [0]" in out
+
+    again = cluster.python([str(EXAMPLE), *STEPS], name="restore-older")
+    out = wait_ok(cluster, again)
+    assert restored_steps(out) == [11]
+    assert final_hash(out) == golden1
+
+
+def test_corrupt_snapshot_is_dropped_when_the_smp_readopts(cluster, golden1):
+    """The SMP dies too: the next SMP verifies every segment when it re-adopts them, drops the damaged one,
+    and the rank restores the older consistent step."""
+    _crash_single_process_after_step_12(cluster)
+    kill(cluster.smp_info()["pid"])
+    cluster.wait_until(lambda: not job_processes(cluster), 30, "the SMP to die")
+    step, tensor = _corrupt_newest(cluster)
+    out = wait_ok(cluster, cluster.python([str(EXAMPLE), *STEPS], name="restore"))
+    log = cluster.smp_log()
+    assert re.search(rf"rank 0 step {step}\) fails its checksums", log), log
+    assert restored_steps(out) == [11]
+    assert final_hash(out) == golden1

@@ -1,0 +1,553 @@
+"""Pure unit tests: the layout plan, the commit and buffer-reuse rules, the buffer header and descriptor,
+msgpack state encoding, request validation and shared-memory segments. No processes, no sockets."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import re
+import struct
+import uuid
+import zlib
+from collections import OrderedDict
+from enum import IntEnum
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from ftmem.smp import shm
+from ftmem.smp.commit import CommitTracker, reusable
+from ftmem.smp.layout import (
+    ALIGN,
+    HEADER_SIZE,
+    MAX_CHUNKS,
+    MIN_CHUNK,
+    BufferState,
+    Descriptor,
+    Header,
+    LayoutError,
+    TensorEntry,
+    chunk_crcs,
+    chunk_size_for,
+)
+from ftmem.smp.protocol import CONTROL_SCHEMA, MAX_CONTROL_BYTES, ProtocolError, decode, encode
+from ftmem.snapshot import serialize
+from ftmem.snapshot.capture import Captured
+from ftmem.snapshot.plan import LayoutPlan
+
+# ------------------------------------------------------------------------------------------------ LayoutPlan
+
+
+def _captured(specs) -> list[Captured]:
+    return [Captured(name, torch.zeros(shape, dtype=dtype), False) for name, shape, dtype in specs]
+
+
+PLAN_SPECS = [("model.a", (3,), torch.float32), ("model.b", (7, 5), torch.float16), ("model.c", (), torch.int64),
+              ("model.empty", (0, 4), torch.float32), ("model.d", (13,), torch.uint8),
+              ("optim.a.exp_avg", (3,), torch.float32), ("model.e", (2, 3, 5), torch.bfloat16),
+              ("model.f", (1,), torch.bool)]
+
+
+def test_layout_plan_offsets_are_aligned_and_disjoint():
+    captured = _captured(PLAN_SPECS)
+    plan = LayoutPlan(captured)
+    assert [e.name for e in plan.entries] == [c.name for c in captured]
+    ranges = []
+    for e, c in zip(plan.entries, captured):
+        assert e.offset % ALIGN == 0 and ALIGN == 64, e
+        assert e.nbytes == c.tensor.numel() * c.tensor.element_size()
+        assert e.dtype == str(c.tensor.dtype).removeprefix("torch.")
+        assert e.shape == tuple(c.tensor.shape) == e.global_shape
+        assert e.global_offset == (0,) * c.tensor.dim()
+        assert e.offset + e.nbytes <= plan.data_bytes
+        ranges.append((e.offset, e.offset + e.nbytes))
+    nonempty = sorted(r for r in ranges if r[1] > r[0])
+    for (_, end), (start, _) in zip(nonempty, nonempty[1:]):
+        assert end <= start, f"overlapping ranges in {ranges}"
+    assert plan.data_bytes % ALIGN == 0  # the descriptor that follows starts aligned too
+
+
+def test_layout_plan_matches_only_the_same_names_dtypes_and_shapes():
+    plan = LayoutPlan(_captured(PLAN_SPECS))
+    assert plan.matches(_captured(PLAN_SPECS))  # new tensors, same signature
+    changed_shape = [(n, (4,) if n == "model.a" else s, d) for n, s, d in PLAN_SPECS]
+    changed_dtype = [(n, s, torch.float64 if n == "model.d" else d) for n, s, d in PLAN_SPECS]
+    renamed = [("model.z" if n == "model.c" else n, s, d) for n, s, d in PLAN_SPECS]
+    assert not plan.matches(_captured(changed_shape))
+    assert not plan.matches(_captured(changed_dtype))
+    assert not plan.matches(_captured(renamed))
+    assert not plan.matches(_captured(PLAN_SPECS[:-1]))
+    assert not plan.matches(_captured(PLAN_SPECS + [("model.g", (1,), torch.float32)]))
+
+
+# ------------------------------------------------------------------------------ CommitTracker and reusable
+
+
+def _tracker(world, complete):
+    t = CommitTracker(world=world)
+    for rank, snaps in complete.items():
+        t.set_complete(rank, snaps)
+    return t
+
+
+@pytest.mark.parametrize("world, complete, committed_before, moved, committed_after", [
+    (None, {0: {(1, 0)}}, None, False, None),                                     # world unknown
+    (2, {0: {(0, 1)}}, None, False, None),                                        # rank 1 has nothing
+    (2, {0: {(0, 1)}, 1: {(0, 1)}}, None, True, 0),
+    (2, {0: {(0, 1), (1, 1)}, 1: {(0, 1)}}, None, True, 0),                       # rank 0 ahead
+    (2, {0: {(0, 1), (1, 1)}, 1: {(0, 1), (1, 1)}}, 0, True, 1),
+    (2, {0: {(0, 1), (1, 1)}, 1: {(0, 1), (1, 1)}}, 1, False, 1),                 # nothing new
+    (2, {0: {(5, 1)}, 1: {(5, 2)}}, None, False, None),                           # epochs never mix
+    (2, {0: {(4, 1), (5, 2)}, 1: {(4, 1), (5, 1)}}, None, True, 4),               # (5, x) differs
+    (3, {0: {(2, 0)}, 1: {(2, 0)}, 2: {(1, 0)}}, None, False, None),
+    (1, {0: {(7, 3), (8, 3)}}, 7, True, 8),
+])
+def test_commit_tracker_evaluate(world, complete, committed_before, moved, committed_after):
+    t = _tracker(world, complete)
+    t.committed = committed_before
+    assert t.evaluate() is moved
+    assert t.committed == committed_after
+    assert t.evaluate() is False  # idempotent
+
+
+def test_commit_tracker_epoch_follows_the_newest_snapshot_seen():
+    t = _tracker(2, {0: {(3, 4)}, 1: {(3, 2)}})
+    assert t.epoch == 4
+    t.set_complete(1, set())
+    assert t.epoch == 4  # never goes back
+    assert t.complete(1) == set() and t.complete(9) == set()
+
+
+def test_commit_tracker_restart_at_moves_back_and_opens_an_epoch():
+    t = _tracker(2, {0: {(8, 1), (9, 1)}, 1: {(8, 1), (9, 1)}})
+    assert t.evaluate() and t.committed == 9
+    t.restart_at(5, 3)
+    assert (t.committed, t.epoch) == (5, 3)
+    t.restart_at(None, 2)  # start from scratch; the epoch never goes back
+    assert (t.committed, t.epoch) == (None, 3)
+    # the new timeline's snapshots commit normally; the old epoch's 8 and 9 are gone (begin invalidated them)
+    t.restart_at(5, 4)
+    t.set_complete(0, {(5, 1), (6, 4)})
+    t.set_complete(1, {(5, 1)})
+    assert not t.evaluate() and t.committed == 5
+    t.set_complete(1, {(5, 1), (6, 4)})
+    assert t.evaluate() and t.committed == 6
+
+
+def test_commit_tracker_missing_names_the_ranks_a_commit_waits_for():
+    t = _tracker(3, {1: {(2, 0)}, 2: {(2, 1)}})
+    assert t.missing(2, 0) == [0, 2]
+    assert t.missing(2, 1) == [0, 1]
+    assert t.missing(3, 0) == [0, 1, 2]
+    assert CommitTracker().missing(1, 0) == []
+
+
+@pytest.mark.parametrize("steps, committed, newest, expected", [
+    ([None, None], None, None, [0, 1]),
+    ([0, None], 0, 0, [1]),
+    ([0, None], None, 0, [1]),            # first snapshot not committed yet: keep it
+    ([0, 1], 0, 1, []),                   # newest waits for the slowest rank: nothing may be overwritten
+    ([0, 1], 1, 1, [0]),
+    ([2, 1], 1, 2, []),
+    ([2, 1], 2, 2, [1]),
+    ([8, None], 8, 8, [1]),               # just restored step 8
+    ([0, 1, 2], 0, 2, [1]),
+    ([3, None, 1], 3, 3, [1, 2]),         # empty first, then the oldest step
+    ([5, 7, 6], None, 7, [0, 2]),
+    ([9, 4], 4, 9, []),
+])
+def test_reusable(steps, committed, newest, expected):
+    assert reusable(steps, committed, newest) == expected
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_double_buffer_always_keeps_a_consistent_step(seed):
+    """Drive the daemon's rules (prepare picks reusable()[0], commit completes, crashes lose in-flight writes)
+    in random interleavings of ranks: once a step committed, every rank always still holds it complete."""
+    rng = random.Random(seed)
+    print("seed", seed)
+    world, nbuf = rng.choice([(2, 2), (3, 2), (2, 3), (4, 2)])
+    tracker = CommitTracker(world=world)
+    held = {r: [None] * nbuf for r in range(world)}     # complete step per buffer (epoch fixed: no restore)
+    writing = {r: None for r in range(world)}            # (buffer, step) in flight
+    next_step = {r: 0 for r in range(world)}
+    for _ in range(400):
+        r = rng.randrange(world)
+        if writing[r] is None:
+            newest = max((s for s in held[r] if s is not None), default=None)
+            free = reusable(held[r], tracker.committed, newest)
+            if not free:
+                continue  # prepare waits
+            b = free[0]
+            held[r][b] = None  # header WRITING: no longer complete
+            writing[r] = (b, next_step[r])
+        elif rng.random() < 0.1:
+            writing[r] = None  # the rank crashed mid-copy: its write never completes; it retries the step
+        else:
+            b, s = writing[r]
+            held[r][b] = s
+            writing[r] = None
+            next_step[r] = s + 1
+        tracker.set_complete(r, {(s, 0) for s in held[r] if s is not None})
+        tracker.evaluate()
+        if tracker.committed is not None:
+            for rank in range(world):
+                assert tracker.committed in held[rank], (seed, held, tracker.committed)
+    assert tracker.committed is not None and tracker.committed > 5
+
+
+# ------------------------------------------------------------------------------------- Header / Descriptor
+
+
+def _payload(n: int, seed: int = 0) -> bytearray:
+    return bytearray(random.Random(seed).randbytes(n))
+
+
+def test_header_round_trip():
+    payload = _payload(3 * MIN_CHUNK + 12345)
+    crcs = chunk_crcs(memoryview(payload), MIN_CHUNK)
+    h = Header(BufferState.COMPLETE, rank=3, world=8, step=41, epoch=2, payload_len=len(payload),
+               desc_off=len(payload) - 100, desc_len=100, chunk_size=MIN_CHUNK, crcs=crcs)
+    packed = h.pack()
+    assert len(packed) <= HEADER_SIZE
+    back = Header.unpack(packed + bytes(HEADER_SIZE - len(packed)))
+    assert back == h and back.state is BufferState.COMPLETE
+    assert back.bad_chunks(memoryview(payload)) == []
+    empty = Header(BufferState.EMPTY, rank=1)
+    assert Header.unpack(empty.pack().ljust(HEADER_SIZE, b"\0")) == empty
+
+
+def test_header_with_all_checksums_fits():
+    h = Header(BufferState.COMPLETE, crcs=list(range(MAX_CHUNKS)))
+    assert Header.unpack(h.pack().ljust(HEADER_SIZE, b"\0")).crcs == list(range(MAX_CHUNKS))
+    with pytest.raises(LayoutError):
+        Header(BufferState.COMPLETE, crcs=[0] * (MAX_CHUNKS + 1)).pack()
+
+
+def test_torn_header_is_a_layout_error():
+    h = Header(BufferState.COMPLETE, rank=1, world=2, step=9, epoch=1, payload_len=10, desc_off=0, desc_len=10,
+               crcs=[zlib.crc32(b"x" * 10)])
+    packed = bytearray(h.pack().ljust(HEADER_SIZE, b"\0"))
+    body_end = len(h.pack())
+    for pos in range(8, body_end):  # every byte after the magic: state, step, checksums, the header's own crc
+        torn = bytearray(packed)
+        torn[pos] ^= 0x01
+        with pytest.raises(LayoutError):
+            Header.unpack(bytes(torn))
+    bad_magic = bytearray(packed)
+    bad_magic[0] ^= 0xFF
+    with pytest.raises(LayoutError, match="magic"):
+        Header.unpack(bytes(bad_magic))
+    with pytest.raises(LayoutError):
+        Header.unpack(bytes(HEADER_SIZE))  # never written
+    huge_n = bytearray(packed)
+    struct.pack_into("<I", huge_n, 20, MAX_CHUNKS + 1)  # n_chunks field
+    with pytest.raises(LayoutError):
+        Header.unpack(bytes(huge_n))
+
+
+def test_bad_chunks_finds_a_flipped_payload_byte():
+    payload = _payload(2 * MIN_CHUNK + 777, seed=1)
+    h = Header(BufferState.COMPLETE, payload_len=len(payload), chunk_size=MIN_CHUNK,
+               crcs=chunk_crcs(memoryview(payload), MIN_CHUNK))
+    for pos, chunk in [(0, 0), (MIN_CHUNK - 1, 0), (MIN_CHUNK, 1), (2 * MIN_CHUNK + 776, 2)]:
+        flipped = bytearray(payload)
+        flipped[pos] ^= 0x80
+        assert h.bad_chunks(memoryview(flipped)) == [chunk]
+    # bytes past payload_len are not covered
+    longer = payload + b"junk"
+    assert h.bad_chunks(memoryview(longer)) == []
+    # a truncated payload fails everywhere rather than passing
+    assert h.bad_chunks(memoryview(payload[:MIN_CHUNK])) != []
+
+
+def test_chunk_size_for_covers_the_payload_within_the_header():
+    for n in (0, 1, MIN_CHUNK, MAX_CHUNKS * MIN_CHUNK, MAX_CHUNKS * MIN_CHUNK + 1, 10**12):
+        size = chunk_size_for(n)
+        assert size >= MIN_CHUNK and size & (size - 1) == 0
+        assert size * MAX_CHUNKS >= n
+
+
+def _entries():
+    return (TensorEntry("model.w", "float32", (4, 8), 0, 128, (4, 8), (0, 0)),
+            TensorEntry("model.b", "float32", (8,), 128, 32, (16,), (8,)),
+            TensorEntry("model.empty", "float32", (0,), 192, 0, (0,), (0,)),
+            TensorEntry("optim.w.exp_avg", "bfloat16", (4, 8), 192, 64, (4, 8), (0, 0)))
+
+
+def test_descriptor_round_trip():
+    d = Descriptor(12, 3, 1, 2, _entries(), b"\x00meta\xff")
+    back = Descriptor.unpack(d.pack())
+    assert back == d
+    assert isinstance(back.entries[0].shape, tuple) and isinstance(back.meta, bytes)
+
+
+@pytest.mark.parametrize("start, stop, names", [
+    (0, 1, ["model.w"]),
+    (127, 129, ["model.w", "model.b"]),
+    (128, 160, ["model.b"]),
+    (160, 192, ["<snapshot descriptor>"]),   # alignment padding: nothing of a tensor
+    (192, 193, ["optim.w.exp_avg"]),         # the empty tensor at 192 covers no byte
+    (256, 10**6, ["<snapshot descriptor>"]),
+])
+def test_descriptor_entries_in(start, stop, names):
+    assert Descriptor(0, 0, 0, 1, _entries(), b"").entries_in(start, stop) == names
+
+
+def test_descriptor_entries_in_never_names_an_empty_tensor():
+    """A zero-byte tensor holds no byte a bad chunk could have hit, so a corruption report must not name it."""
+    assert Descriptor(0, 0, 0, 1, _entries(), b"").entries_in(0, 10**6) == ["model.w", "model.b",
+                                                                            "optim.w.exp_avg"]
+
+
+@pytest.mark.parametrize("data", [b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"v": 1, "step": 1}),
+                                  msgpack.packb({"step": 1, "epoch": 0, "rank": 0, "world": 1, "meta": b"",
+                                                 "entries": [["x", "float32"]]})])
+def test_unreadable_descriptor_is_a_layout_error(data):
+    with pytest.raises(LayoutError):
+        Descriptor.unpack(data)
+
+
+# ------------------------------------------------------------------------------------------------ serialize
+
+
+def test_rng_states_round_trip_and_reproduce_draws():
+    random.seed(5)
+    np.random.seed(6)
+    torch.manual_seed(7)
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    expected = (random.random(), np.random.random_sample(3).tolist(), torch.rand(3).tolist())
+    back = serialize.unpack(serialize.pack(state))
+    assert isinstance(back["python"], tuple) and isinstance(back["python"][1], tuple)
+    assert back["python"] == state["python"]
+    assert isinstance(back["numpy"], tuple) and back["numpy"][0] == "MT19937"
+    np.testing.assert_array_equal(back["numpy"][1], state["numpy"][1])
+    assert back["numpy"][1].dtype == state["numpy"][1].dtype
+    assert torch.equal(back["torch"], state["torch"]) and back["torch"].dtype == torch.uint8
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    random.setstate(back["python"])
+    np.random.set_state(back["numpy"])
+    torch.set_rng_state(back["torch"])
+    assert (random.random(), np.random.random_sample(3).tolist(), torch.rand(3).tolist()) == expected
+
+
+class Color(IntEnum):
+    RED = 3
+
+
+def test_plain_data_round_trip():
+    obj = {"a": (1, (2.5, "x"), [3, (4,)]), 7: {"nested": {"deep": (None, True, False)}},
+           "bytes": b"\x00\xff", "od": OrderedDict([("k", 1)]), "enum": Color.RED,
+           "np_scalars": [np.float64(1.5), np.int32(-3), np.bool_(True)], "big": 2**63 - 1, "neg": -(2**63),
+           "empty": (), "empty_list": [], "unicode": "ünïcode"}
+    back = serialize.unpack(serialize.pack(obj))
+    assert back["a"] == (1, (2.5, "x"), [3, (4,)]) and isinstance(back["a"][1], tuple)
+    assert isinstance(back["a"][2][1], tuple) and isinstance(back["a"][2], list)
+    assert back[7] == {"nested": {"deep": (None, True, False)}}
+    assert back["bytes"] == b"\x00\xff" and back["od"] == {"k": 1}
+    assert back["enum"] == 3 and type(back["enum"]) is int
+    assert back["np_scalars"] == [1.5, -3, True]
+    assert (back["big"], back["neg"], back["empty"], back["empty_list"], back["unicode"]) == \
+        (2**63 - 1, -(2**63), (), [], "ünïcode")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
+                                   torch.int32, torch.int8, torch.uint8, torch.bool, torch.complex64])
+@pytest.mark.parametrize("shape", [(), (0,), (3,), (2, 0, 3), (2, 3, 4)])
+def test_tensor_round_trip(dtype, shape):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn((*shape, 2) if shape else (2,), generator=g, dtype=torch.float64) * 100
+    t = base.to(dtype)[..., 0] if shape else base.to(dtype)[0]
+    back = serialize.unpack(serialize.pack({"t": t, "pair": (t, t)}))
+    for x in (back["t"], *back["pair"]):
+        assert x.dtype == dtype and tuple(x.shape) == shape
+        assert torch.equal(x, t)  # bitwise for floats without NaNs
+    assert isinstance(back["pair"], tuple)
+
+
+def test_non_contiguous_and_grad_tensors_round_trip():
+    t = torch.arange(24, dtype=torch.float32).reshape(4, 6).t()[1:, ::2]
+    w = torch.ones(3, requires_grad=True) * 2
+    back = serialize.unpack(serialize.pack([t, w]))
+    assert torch.equal(back[0], t) and torch.equal(back[1], w.detach()) and not back[1].requires_grad
+    back[0].add_(1)  # decoded tensors own writable memory
+
+
+@pytest.mark.parametrize("array", [np.arange(12, dtype=np.float32).reshape(3, 4), np.array([1, -2], dtype=">i4"),
+                                   np.array(3.5), np.zeros((0, 2), dtype=np.int16),
+                                   np.array([True, False]), np.arange(6, dtype=np.uint64)[::2],
+                                   np.array([1 + 2j], dtype=np.complex128)])
+def test_numpy_array_round_trip(array):
+    """dtype (byte order included), shape (0-d included) and values survive."""
+    back = serialize.unpack(serialize.pack({"a": array}))["a"]
+    assert isinstance(back, np.ndarray) and back.dtype == array.dtype and back.shape == array.shape
+    np.testing.assert_array_equal(back, array)
+    assert back.flags.writeable
+
+
+def test_scheduler_state_dict_round_trips_into_a_fresh_scheduler():
+    def make():
+        p = torch.nn.Parameter(torch.zeros(2))
+        opt = torch.optim.AdamW([p], lr=1e-2, betas=(0.9, 0.95))
+        sched = torch.optim.lr_scheduler.SequentialLR(
+            opt, [torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=3),
+                  torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)], milestones=[3])
+        return opt, sched
+    opt, sched = make()
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    opt2, sched2 = make()
+    sched2.load_state_dict(serialize.unpack(serialize.pack(sched.state_dict())))
+    groups = serialize.unpack(serialize.pack([{k: v for k, v in g.items() if k != "params"}
+                                              for g in opt.param_groups]))
+    assert groups[0]["betas"] == (0.9, 0.95) and isinstance(groups[0]["betas"], tuple)
+    opt.step()
+    sched.step()
+    opt2.param_groups[0]["lr"] = groups[0]["lr"]
+    opt2.step()
+    sched2.step()
+    assert sched2.get_last_lr() == sched.get_last_lr()
+
+
+@pytest.mark.parametrize("bad, type_name", [(lambda: 1, "function"), ({1, 2}, "set"), (object(), "object"),
+                                            ({"nested": [1, {"deep": lambda: 2}]}, "function")])
+def test_unsupported_object_is_a_clear_type_error(bad, type_name):
+    with pytest.raises(TypeError, match=rf"ftmem cannot snapshot a value of type {type_name}\b"):
+        serialize.pack({"state": bad})
+
+
+# ------------------------------------------------------------------------------------------ protocol.decode
+
+_SAMPLE = {int: 1, str: "s", bool: True, bytes: b"b"}
+
+
+def _valid(op: str) -> dict:
+    return {"op": op, "id": 42, **{name: _SAMPLE[typ] for name, typ in CONTROL_SCHEMA[op].items()}}
+
+
+@pytest.mark.parametrize("op", sorted(CONTROL_SCHEMA))
+def test_decode_accepts_every_valid_op(op):
+    assert decode(encode(_valid(op)), CONTROL_SCHEMA, MAX_CONTROL_BYTES) == _valid(op)
+
+
+def _wrong_type_cases():
+    for op, fields in sorted(CONTROL_SCHEMA.items()):
+        for name, typ in fields.items():
+            wrong = [v for t, v in _SAMPLE.items() if t is not typ]
+            if typ is int:
+                wrong += [True, 1.0]
+            if typ is bool:
+                wrong += [1, 0]
+            for value in wrong:
+                yield op, name, value
+
+
+@pytest.mark.parametrize("op, name, value", list(_wrong_type_cases()))
+def test_decode_rejects_wrong_types(op, name, value):
+    msg = {**_valid(op), name: value}
+    with pytest.raises(ProtocolError, match=rf"{op}: field '{name}' must be"):
+        decode(encode(msg), CONTROL_SCHEMA, MAX_CONTROL_BYTES)
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\xc1", "undecodable"),
+    (b"", "undecodable"),
+    (encode({"op": "ping", "id": 1}) + b"\x00", "undecodable"),         # trailing bytes
+    (msgpack.packb({1: "x", "op": "ping", "id": 1}), "undecodable"),     # non-string key
+    (encode([1, 2]), "must be a map"),
+    (encode("ping"), "must be a map"),
+    (encode(None), "must be a map"),
+    (encode({"op": "frobnicate", "id": 1}), "unknown op 'frobnicate'"),
+    (encode({"id": 1}), "unknown op None"),
+    (encode({"op": 1, "id": 1}), "unknown op 1"),
+    (encode({"op": "ping"}), "'id' must be an int"),
+    (encode({"op": "ping", "id": True}), "'id' must be an int"),
+    (encode({"op": "ping", "id": "1"}), "'id' must be an int"),
+    (encode({"op": "register", "id": 1, "rank": 0, "world": 1, "local_rank": 0}), "register: missing field 'pid'"),
+    (encode({"op": "ping", "id": 1, "x": 1}), r"ping: unexpected fields \['x'\]"),
+    (encode({**_valid("close"), "b": 1, "a": 2}), r"close: unexpected fields \['a', 'b'\]"),
+    (encode({"op": "ping", "id": 1, "pad": b"x" * MAX_CONTROL_BYTES}), "exceeds the limit of 1048576"),
+])
+def test_decode_errors(data, message):
+    with pytest.raises(ProtocolError, match=message):
+        decode(data, CONTROL_SCHEMA, MAX_CONTROL_BYTES)
+
+
+def test_decode_limits_inner_sizes():
+    with pytest.raises(ProtocolError, match="exceeds the limit of 100"):
+        decode(encode({"op": "ping", "id": 1, "pad": b"x" * 200}), CONTROL_SCHEMA, 100)
+    with pytest.raises(ProtocolError, match="undecodable"):  # small in bytes, huge in elements
+        decode(encode({"op": "ping", "id": 1, "pad": [0] * 70_000}), CONTROL_SCHEMA, MAX_CONTROL_BYTES)
+    with pytest.raises(ProtocolError, match="undecodable"):
+        decode(encode({"op": "ping", "id": 1, "pad": {str(i): 0 for i in range(2000)}}), CONTROL_SCHEMA,
+               MAX_CONTROL_BYTES)
+
+
+# ------------------------------------------------------------------------------------------------------ shm
+
+
+@pytest.fixture
+def seg_name():
+    name = f"ftmem.unit{uuid.uuid4().hex[:10]}.n0.r0.b0.g1"
+    yield name
+    shm.unlink(name)
+
+
+def test_segment_larger_than_available_is_refused_before_creating(seg_name):
+    size = shm.available_bytes() + (1 << 30)
+    with pytest.raises(shm.ShmFullError) as info:
+        shm.Segment.create(seg_name, size)
+    err = info.value
+    assert isinstance(err, OSError) and err.errno == errno.ENOSPC
+    m = re.search(rf"needs {size} bytes but {re.escape(shm.shm_dir())} has (\d+) available", str(err))
+    assert m, str(err)
+    assert int(m.group(1)) < size
+    assert seg_name in str(err)
+    assert not os.path.exists(os.path.join(shm.shm_dir(), seg_name))
+    assert shm.list_segments(seg_name) == []
+
+
+def test_segment_is_created_0600_and_shared(seg_name):
+    old = os.umask(0)  # a permissive umask must not widen the mode
+    try:
+        seg = shm.Segment.create(seg_name, 8192)
+    finally:
+        os.umask(old)
+    try:
+        st = os.stat(os.path.join(shm.shm_dir(), seg_name))
+        assert st.st_mode & 0o777 == 0o600
+        assert st.st_size == seg.size == 8192
+        assert shm.list_segments(seg_name) == [seg_name]
+        seg.buf[100:104] = b"abcd"
+        other = shm.Segment.open(seg_name, populate=True)
+        try:
+            assert other.size == 8192 and bytes(other.buf[100:104]) == b"abcd"
+            other.buf[0:2] = b"zz"
+            assert bytes(seg.buf[0:2]) == b"zz"
+        finally:
+            other.close()
+        with pytest.raises(FileExistsError):
+            shm.Segment.create(seg_name, 4096)
+    finally:
+        seg.close()
+        seg.unlink()
+    assert not os.path.exists(os.path.join(shm.shm_dir(), seg_name))
+    shm.unlink(seg_name)  # unlinking twice is harmless
+
+
+def test_shm_dir_is_configurable(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTMEM_SHM_DIR", str(tmp_path))
+    seg = shm.Segment.create("ftmem.x.n0.r0.b0.g1", 4096)
+    try:
+        assert shm.list_segments("ftmem.x.") == ["ftmem.x.n0.r0.b0.g1"]
+        assert (tmp_path / "ftmem.x.n0.r0.b0.g1").stat().st_size == 4096
+    finally:
+        seg.close()
+        seg.unlink()
+    assert shm.list_segments("ftmem.x.") == []
