@@ -112,6 +112,8 @@ class Cluster:
         self.leading: _Round | None = None
         self.last_led = -1
         self.pending_meta: GroupMeta | None = None  # of the round this node finished last
+        self.stats: dict[str, Any] = {"rounds_ok": 0, "rounds_failed": 0, "last_round_s": None,
+                                      "last_round_bytes": 0, "rebuild_s": None, "lag_steps": 0}
         self._next_heartbeat = 0.0
         self._rebuild_started = 0.0
         threading.Thread(target=self._connect, name="ftmem-connect", daemon=True).start()
@@ -281,7 +283,10 @@ class Cluster:
             self._finish_round(True)
 
     def _on_ec_result(self, step: int, ok: bool) -> None:
+        self.stats["rounds_ok" if ok else "rounds_failed"] += 1
         if ok and self.pending_meta is not None and self.pending_meta.step == step:
+            committed = self.d.tracker.committed
+            self.stats["lag_steps"] = 0 if committed is None else committed - step
             self.parity.promote(step)
             self.meta, self.protected = self.pending_meta, step
             log.debug("step %d is protected (EC group %s)", step, list(self.members))
@@ -316,9 +321,10 @@ class Cluster:
         return self.sock.getsockopt_string(zmq.LAST_ENDPOINT).replace("0.0.0.0", "127.0.0.1")
 
     def _job_encode(self, link_to, step: int) -> dict:
+        start = time.perf_counter()
         meta = encode_round(step, self.node, self.members, self.cfg.ec_parity, link_to, self.parity,
                             self.d.timeout, lambda: self.member_round_aborted or self.member_round != step)
-        return {"ev": "encoded", "step": step, "meta": meta.pack()}
+        return {"ev": "encoded", "step": step, "meta": meta.pack(), "seconds": time.perf_counter() - start}
 
     def _job_probe(self, link_to) -> dict:
         deadline = time.monotonic() + min(self.d.timeout, 30.0)
@@ -361,6 +367,8 @@ class Cluster:
             self.rebuilding, self.rebuild_error = False, f"peer discovery failed: {ev['error']}"
         elif kind == "encoded":
             self.pending_meta = GroupMeta.unpack(ev["meta"])
+            self.stats["last_round_s"] = ev["seconds"]
+            self.stats["last_round_bytes"] = sum(self.pending_meta.layout.sizes)
             ok = not self.member_round_aborted and self.member_round == ev["step"]
             if ok:
                 self.member_round_hard = True
@@ -410,8 +418,8 @@ class Cluster:
             self.d.refresh_rank(rank)
         self.parity.promote(meta.step)
         self.meta, self.protected, self.rebuilding = meta, meta.step, False
-        log.info("rebuilt node %d's snapshot of step %d in %.2fs", self.node, meta.step,
-                 time.monotonic() - self._rebuild_started)
+        self.stats["rebuild_s"] = time.monotonic() - self._rebuild_started
+        log.info("rebuilt node %d's snapshot of step %d in %.2fs", self.node, meta.step, self.stats["rebuild_s"])
         self.broadcast_report()
         self.d.on_commit_state_changed()
 
@@ -501,7 +509,7 @@ class Cluster:
                                                                 "protected": p.protected}
                                                        for n, p in sorted(self.peers.items())},
                 "ec_group": list(self.members), "ec_parity": self.cfg.ec_parity, "parity_bytes": self.parity.nbytes(),
-                "rebuilding": self.rebuilding, "rebuild_error": self.rebuild_error}
+                "rebuilding": self.rebuilding, "rebuild_error": self.rebuild_error, "ec_stats": self.stats}
 
     def close(self, unlink_all: bool) -> None:
         self.directory.stop()
