@@ -33,12 +33,9 @@ python's and numpy's global RNGs too, as real input pipelines do, so all three a
 come from the sampler's state alone, never from ``step``, so a sampler that is restored wrongly changes the hash.
 
 Determinism holds for a fixed world size and thread count (``torch.set_num_threads(1)`` unless OMP_NUM_THREADS
-is set). DDP is built with one gradient bucket per parameter so that the summation order of every gradient
-element in the all-reduce does not depend on DDP's bucket rebuild after the first iteration; a job restored
-mid-run therefore reduces exactly like a job that never stopped, for any world size.
+is set). Gradients are averaged by a DDP comm hook that sums them in rank order (``rank_ordered_allreduce``),
+so a job restored mid-run reduces exactly like a job that never stopped, for any world size.
 """
-
-from __future__ import annotations
 
 import argparse
 import hashlib
@@ -271,8 +268,8 @@ class Trainer:
         seed_everything(args.seed)
         net = GPT(self.vocab, args.seq, args.dim, args.heads, args.layers, args.dropout, args.tie_weights)
         seed_everything(args.seed * 7919 + 1 + rank)
-        # One gradient bucket per parameter, before and after DDP's bucket rebuild: see the module docstring.
-        self.model = DDP(net, bucket_cap_mb_list=[1e-6])
+        self.model = DDP(net)
+        self.model.register_comm_hook(None, rank_ordered_allreduce)  # see its docstring
 
         decay = [p for p in net.parameters() if p.dim() >= 2]
         no_decay = [p for p in net.parameters() if p.dim() < 2]
@@ -316,6 +313,29 @@ class Trainer:
         total = loss.clone()
         dist.all_reduce(total)
         return total.item() / self.world
+
+
+def rank_ordered_allreduce(group, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP comm hook: average the gradients by summing them in rank order, whatever DDP's bucket layout.
+
+    With the default hook, gloo's ring all-reduce sums each element in an order that depends on where the
+    element sits in its bucket, and DDP re-lays out its buckets after the first iteration. A job restored
+    mid-run starts again with the first-iteration layout, so with 3 or more ranks it would not reduce
+    bit-identically to a job that never stopped. Gathering every rank's bucket and adding them in rank order
+    gives the same bits whatever the layout (for 1 or 2 ranks the sum is the same as the default's anyway).
+    """
+    world = dist.get_world_size(group)
+    local = bucket.buffer()
+    parts = [torch.empty_like(local) for _ in range(world)]
+    work = dist.all_gather(parts, local, group=group, async_op=True)
+
+    def average(_: torch.futures.Future) -> torch.Tensor:
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total += part
+        return total.div_(world)
+
+    return work.get_future().then(average)
 
 
 def seed_everything(seed: int) -> None:

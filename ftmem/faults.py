@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("mid_copy", "before_local_commit", "after_local_commit", "smp_after_local_commit")
+POINTS = ("mid_copy", "before_local_commit", "after_local_commit", "smp_after_local_commit", "smp_mid_encode")
 
 
 def crash_point(point: str, step: int, rank: int | None = None) -> None:

@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ftmem-node-id", type=int, default=_env_default("NODE_ID", None),
                    help="stable identity of this node (default: --node-rank); a replacement node reuses it")
     g.add_argument("--ftmem-buffers", type=int, default=_env_default("BUFFERS", None),
-                   help="snapshot buffers per rank (default 2, double buffering; 3 with erasure coding, so the "
-                        "protected step survives while the next two are written)")
+                   help="snapshot buffers per rank (default 2, double buffering; 4 with erasure coding: the "
+                        "protected step and the step being encoded stay while two more are written. With 3, a "
+                        "round that outlasts a step fails and is retried on a newer step)")
     g.add_argument("--ftmem-ec-group", type=int, default=_env_default("EC_GROUP", None),
                    help="nodes per erasure-coding group; must divide --nnodes (default: all nodes up to 8)")
     g.add_argument("--ftmem-ec-parity", type=int, default=int(_env_default("EC_PARITY", "1")),
@@ -84,7 +85,7 @@ def _cluster_args(args: argparse.Namespace) -> list[str]:
         raise SystemExit(f"ftmem-run: {exc}") from exc
     if args.ftmem_secret_file:
         os.environ["FTMEM_SECRET_FILE"] = os.path.abspath(args.ftmem_secret_file)
-    out = ["--buffers", str(buffers or 3), "--nnodes", str(max_nodes), "--store", args.rdzv_endpoint,
+    out = ["--buffers", str(buffers or 4), "--nnodes", str(max_nodes), "--store", args.rdzv_endpoint,
            "--ec-group", str(ec_group), "--ec-parity", str(args.ftmem_ec_parity)]
     return out + (["--peer-host", args.ftmem_peer_host] if args.ftmem_peer_host else [])
 

@@ -201,6 +201,7 @@ def test_many_clients_and_pipelined_requests(shared):
 # --------------------------------------------------------------------------- values the schema cannot check
 
 OUT_OF_RANGE = {
+    "rank outside the world": [("register", dict(rank=2, world=2, local_rank=0, pid=1))],
     "negative rank": [("prepare", dict(rank=-1, step=0, epoch=1, nbytes=HEADER_SIZE + 100))],
     "negative nbytes": [("prepare", dict(rank=0, step=0, epoch=1, nbytes=-(1 << 30)))],
     "step beyond int64": [("prepare", dict(rank=0, step=1 << 63, epoch=1, nbytes=HEADER_SIZE + 100))],
@@ -331,6 +332,32 @@ def test_prepare_waits_until_the_previous_step_is_committed_on_all_ranks(cluster
     assert_still_serving(cluster, smp)
 
 
+def test_a_waiting_request_resent_from_a_fresh_socket_is_answered_there(cluster):
+    """ControlClient re-sends a request on a fresh socket after `retry_interval` of silence. When the original
+    is still waiting in the SMP (a prepare held back by the slowest rank), the answer must go to the socket
+    that asked last: the first one is closed, and nothing else would ever be answered until the next resend."""
+    cluster.start_smp("--timeout", "60")
+    c = cluster.client()
+    start_job(c, world=2)
+    write_snapshot(c, 0, 0, 1, payload_for(0, 0))
+    write_snapshot(c, 1, 0, 1, payload_for(1, 0))
+    write_snapshot(c, 0, 1, 1, payload_for(0, 1))
+    request = encode({"op": "prepare", "id": 777, "rank": 0, "step": 2, "epoch": 1, "nbytes": HEADER_SIZE + 5000})
+    first, second = Raw(cluster.control_address()), Raw(cluster.control_address())
+    try:
+        first.send(request)
+        assert first.recv(timeout=1.0) is None  # held back: rank 1 has not completed step 1
+        first.close()                           # what ControlClient does before re-sending
+        second.send(request)
+        assert second.recv(timeout=0.5) is None
+        write_snapshot(c, 1, 1, 1, payload_for(1, 1))
+        reply = second.recv(timeout=5.0)
+        assert reply is not None, "the answer went to the closed socket of the first attempt"
+        assert reply["ok"] is True and reply["id"] == 777 and reply["buffer"] in (0, 1), reply
+    finally:
+        second.close()
+
+
 def test_a_stuck_prepare_times_out_naming_the_missing_ranks(cluster):
     cluster.start_smp("--timeout", "2")
     c0, c1 = cluster.client(timeout=20.0), cluster.client(timeout=20.0)
@@ -459,3 +486,17 @@ def test_shutdown_without_cleanup_keeps_segments_for_a_new_smp_to_readopt(cluste
     assert "re-adopted 3 verified snapshot(s)" in out
     assert steps_of(c, 1) == [[1, 1]]
     assert c.call("status")["committed"] == 1  # the newest step every rank still holds intact
+
+
+def test_the_smp_does_not_load_the_trainer_side(tmp_path):
+    """DESIGN §6: smp shares only the message schema and the shared-memory layout with snapshot. Importing
+    the daemon must not pull in the hook and torch (seconds of CPU and hundreds of MiB per SMP start, on the
+    critical path when ftmem-run restarts a dead SMP)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ftmem.smp.daemon, ftmem.smp.__main__; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('ftmem.snapshot')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"the SMP imports {out.stdout.strip()}"

@@ -10,11 +10,14 @@ from __future__ import annotations
 from typing import Callable
 
 from ftmem.erasure import NotEnoughBlocks, rebuild_stripe
+from ftmem.log import get_logger
 from ftmem.smp.layout import Header
 from ftmem.smp.nodedata import NodeData
 from ftmem.smp.parity import ParityStore
 from ftmem.smp.peer import PeerLink
 from ftmem.smp.protect import BATCH_BYTES, GroupMeta, fetch_ranges
+
+log = get_logger("smp")
 
 
 class RebuildError(RuntimeError):
@@ -51,7 +54,7 @@ def rebuild_node(meta: GroupMeta, node: int, data: NodeData, parity: ParityStore
     for start in range(0, len(mine), per_batch):
         batch = mine[start: start + per_batch]
         blocks: dict[int, dict[int, bytes]] = {t: {} for t in batch}
-        for i, link in alive.items():
+        for i, link in list(alive.items()):
             data_items = [(t, layout.data_chunk(t, i)) for t in batch if i in layout.data_members(t)]
             par_items = [t for t in batch if i in layout.parity_members(t)]
             try:
@@ -64,8 +67,9 @@ def rebuild_node(meta: GroupMeta, node: int, data: NodeData, parity: ParityStore
                                           slots=[layout.parity_slot(t, i) for t in par_items])
                     for t, b in zip(par_items, got):
                         blocks[t][i] = b
-            except (TimeoutError, RuntimeError):
-                continue  # a member lost during the rebuild: the others may still suffice
+            except (TimeoutError, RuntimeError) as exc:
+                del alive[i]  # lost during the rebuild, or no longer holding the step: the others may suffice
+                log.warning("rebuild of step %d goes on without node %d: %s", meta.step, meta.members[i], exc)
         for t in batch:
             try:
                 block = rebuild_stripe(layout, t, blocks[t], want=[me])[me]

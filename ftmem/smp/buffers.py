@@ -118,6 +118,8 @@ class BufferStore:
         except LayoutError as exc:
             log.warning("segment %s: %s; treating it as empty", segment.name, exc)
             return Header(BufferState.EMPTY, rank=rank)
+        if header.state == BufferState.WRITING:
+            return header  # a copy in flight when the SMP died: its rank may still commit it
         if header.state != BufferState.COMPLETE:
             return Header(BufferState.EMPTY, rank=rank)
         if HEADER_SIZE + header.payload_len > segment.size:

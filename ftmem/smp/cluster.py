@@ -7,8 +7,9 @@ moved rank's payload), which run on one worker thread with its own peer links an
   second; the union drives the global commit and tells where a rank's snapshot lives.
 - **Rounds.** The lowest-numbered live member of each EC group starts a round for the newest committed step
   (never a queue: a lagging encoder skips to the newest), every member computes its parity blocks, and the step
-  is *protected* when all members succeeded. Until a member has finished its part, the step's buffers are
-  only softly kept: a rank needing the buffer takes it and the round fails, so encoding never blocks training.
+  is *protected* when all members succeeded. With four buffers per rank (the default with erasure coding) the
+  round's step is pinned for the round, which leaves two for double buffering; with fewer it is only softly
+  kept: a rank needing the buffer takes it and the round fails. Either way encoding never blocks training.
 - **Rebuild.** A node that starts with nothing asks its group for the newest protected step and rebuilds its
   data and parity before its ranks may restore.
 """
@@ -36,6 +37,7 @@ from ftmem.smp.nodedata import NodeData, Part
 from ftmem.smp.parity import ParityStore
 from ftmem.smp.peer import MAX_PEER_BYTES, Links, PeerAuthError, PeerCodec, new_incarnation
 from ftmem.smp.protect import GroupMeta, encode_round
+from ftmem.smp.protocol import ProtocolError, loose_id
 
 if TYPE_CHECKING:
     from ftmem.smp.daemon import SnapshotDaemon
@@ -81,7 +83,19 @@ class _Round:
 
     step: int
     deadline: float
+    incarnations: dict[int, str]  # of the members when it started: a member that restarts fails the round
     done: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _MemberRound:
+    """This node's part of a round: computing its parity blocks for `step`."""
+
+    step: int
+    leader: int
+    deadline: float
+    pinned: bool           # the step's buffers may not be reused during the round
+    aborted: bool = False  # a rank reused one of them: the round must fail
 
 
 class Cluster:
@@ -106,9 +120,7 @@ class Cluster:
         self.rebuild_error: str | None = None
         self.meta: GroupMeta | None = None   # of the protected step
         self.protected: int | None = None
-        self.member_round: int | None = None  # step whose parity this node is computing
-        self.member_round_hard = False
-        self.member_round_aborted = False
+        self.member_round: _MemberRound | None = None
         self.leading: _Round | None = None
         self.last_led = -1
         self.pending_meta: GroupMeta | None = None  # of the round this node finished last
@@ -191,6 +203,10 @@ class Cluster:
         peer = self.peers.get(node)
         return peer is not None and time.monotonic() - peer.last_seen < max(5.0, 5 * HEARTBEAT_S)
 
+    def _live_incarnation(self, node: int) -> str | None:
+        peer = self.peers.get(node)
+        return peer.incarnation if peer is not None and self.alive(node) else None
+
     def _send(self, node: int, op: str, **fields: Any) -> None:
         if node == self.node:
             self._dispatch({"op": op, "from": self.node, "id": 0, **fields}, [], None)
@@ -224,24 +240,37 @@ class Cluster:
     # ---- erasure-coding rounds -------------------------------------------------------------------------------
 
     def keep(self) -> frozenset[int]:
-        """Steps local buffers must keep: the protected one, and a round's step once this node finished it."""
+        """Steps local buffers must keep: the protected one, and a running round's step when it is pinned."""
         steps = {self.protected} if self.protected is not None else set()
-        if self.member_round is not None and self.member_round_hard:
-            steps.add(self.member_round)
+        if self.member_round is not None and self.member_round.pinned:
+            steps.add(self.member_round.step)
         return frozenset(steps)
 
     def buffer_taken(self, step: int | None) -> None:
         """A rank is about to overwrite a buffer holding `step`."""
-        if step is not None and step == self.member_round and not self.member_round_hard:
-            self.member_round_aborted = True
+        if self.member_round is not None and step == self.member_round.step:
+            self.member_round.aborted = True
+
+    def _round_aborted(self, step: int) -> bool:
+        return self.member_round is None or self.member_round.step != step or self.member_round.aborted
+
+    def _leader(self) -> int:
+        return min(m for m in self.members if self.alive(m))
 
     def _lead(self, now: float) -> None:
-        leader = min(m for m in self.members if self.alive(m))
-        if leader != self.node:
+        mr = self.member_round
+        if mr is not None and (now > mr.deadline or not self.alive(mr.leader)):
+            log.warning("abandoning EC round of step %d: its leader (node %d) is gone or it timed out", mr.step,
+                        mr.leader)
+            self.member_round = None
+        if self._leader() != self.node:
             return
         if self.leading is not None:
-            if now > self.leading.deadline:
-                log.warning("EC round of step %d timed out", self.leading.step)
+            changed = [m for m, inc in self.leading.incarnations.items()
+                       if not self.alive(m) or (m != self.node and self.peers[m].incarnation != inc)]
+            if changed or now > self.leading.deadline:
+                log.warning("EC round of step %d failed: %s", self.leading.step,
+                            f"members {changed} lost" if changed else "timed out")
                 self._finish_round(False)
             return
         committed = self.d.tracker.committed
@@ -249,7 +278,9 @@ class Cluster:
             return
         if not all(self.alive(m) for m in self.members):
             return
-        self.leading = _Round(committed, now + self.d.timeout)
+        self.leading = _Round(committed, now + self.d.timeout,
+                              {m: self.incarnation if m == self.node else self.peers[m].incarnation
+                               for m in self.members})
         self.last_led = committed
         for m in self.members:
             self._send(m, "ec_start", step=committed)
@@ -260,15 +291,16 @@ class Cluster:
         for m in self.members:
             self._send(m, "ec_result", step=step, ok=ok)
 
-    def _on_ec_start(self, step: int) -> None:
+    def _on_ec_start(self, step: int, leader: int) -> None:
         if self.rebuilding:
-            self._send(min(m for m in self.members if self.alive(m)), "ec_done", step=step, ok=False,
-                       detail=f"node {self.node} is still being rebuilt")
+            self._send(leader, "ec_done", step=step, ok=False, detail=f"node {self.node} is still being rebuilt")
             return
         if self.member_round is not None:
             log.warning("EC round of step %d starts while step %d is still running; abandoning that",
-                        step, self.member_round)
-        self.member_round, self.member_round_hard, self.member_round_aborted = step, False, False
+                        step, self.member_round.step)
+        # four buffers leave two for double buffering while the round's step is pinned (see the module doc)
+        self.member_round = _MemberRound(step, leader, time.monotonic() + self.d.timeout,
+                                         pinned=self.d.store.count >= 4)
         self.jobs.put(("encode", step))
 
     def _on_ec_done(self, msg: dict[str, Any]) -> None:
@@ -290,7 +322,7 @@ class Cluster:
             self.parity.promote(step)
             self.meta, self.protected = self.pending_meta, step
             log.debug("step %d is protected (EC group %s)", step, list(self.members))
-        if self.member_round == step:
+        if self.member_round is not None and self.member_round.step == step:
             self.member_round = None
         self.d.on_commit_state_changed()
 
@@ -302,10 +334,14 @@ class Cluster:
         links: Links | None = None
 
         def link_to(node: int):
-            if node != self.node and not self.alive(node):
+            if node == self.node:
+                return links.to(node, self.own_endpoint())
+            incarnation = self._live_incarnation(node)
+            if incarnation is None:
                 return None
-            endpoint = self.directory.snapshot().get(node, (None,))[0] if node != self.node else self.own_endpoint()
-            return links.to(node, endpoint) if endpoint else None
+            # a request to this incarnation fails fast once it stops heartbeating or is replaced
+            return links.to(node, self.peers[node].endpoint,
+                            gone=lambda: self._live_incarnation(node) != incarnation)
 
         while True:
             job = self.jobs.get()
@@ -313,8 +349,9 @@ class Cluster:
                 links = Links(self.codec)
             try:
                 event = getattr(self, f"_job_{job[0]}")(link_to, *job[1:])
-            except Exception as exc:  # reported to the event loop, which decides
-                event = {"ev": f"{job[0]}_failed", "args": list(job[1:]), "error": f"{type(exc).__name__}: {exc}"}
+            except Exception as exc:  # reported to the event loop, which decides; ints name the job's subject
+                event = {"ev": f"{job[0]}_failed", "args": [a for a in job[1:] if type(a) is int],
+                         "error": f"{type(exc).__name__}: {exc}"}
             push.send(msgpack.packb(event, use_bin_type=True))
 
     def own_endpoint(self) -> str:
@@ -323,7 +360,7 @@ class Cluster:
     def _job_encode(self, link_to, step: int) -> dict:
         start = time.perf_counter()
         meta = encode_round(step, self.node, self.members, self.cfg.ec_parity, link_to, self.parity,
-                            self.d.timeout, lambda: self.member_round_aborted or self.member_round != step)
+                            self.d.timeout, lambda: self._round_aborted(step))
         return {"ev": "encoded", "step": step, "meta": meta.pack(), "seconds": time.perf_counter() - start}
 
     def _job_probe(self, link_to) -> dict:
@@ -341,11 +378,15 @@ class Cluster:
             raise RebuildError("rebuilt data fails its checksums: " + "; ".join(problems))
         return {"ev": "rebuilt", "meta": meta_bytes}
 
-    def _job_transfer(self, link_to, rank: int, step: int, source: int, buf: Buffer, header_bytes: bytes) -> dict:
-        header = Header.unpack(header_bytes)
+    def _job_transfer(self, link_to, rank: int, step: int, source: int, buf: Buffer) -> dict:
         link = link_to(source)
         if link is None:
             raise RuntimeError(f"node {source} holding rank {rank}'s step {step} is gone")
+        _, blobs = link.request("manifest", self.d.timeout, step=step)
+        header_bytes = next((bytes(h) for r, _, h in msgpack.unpackb(blobs[0], raw=False) if r == rank), None)
+        if header_bytes is None:
+            raise RuntimeError(f"node {source} no longer holds rank {rank}'s step {step}")
+        header = Header.unpack(header_bytes)
 
         def write(off: int, data: bytes) -> None:
             buf.segment.buf[HEADER_SIZE + off: HEADER_SIZE + off + len(data)] = data
@@ -369,14 +410,10 @@ class Cluster:
             self.pending_meta = GroupMeta.unpack(ev["meta"])
             self.stats["last_round_s"] = ev["seconds"]
             self.stats["last_round_bytes"] = sum(self.pending_meta.layout.sizes)
-            ok = not self.member_round_aborted and self.member_round == ev["step"]
-            if ok:
-                self.member_round_hard = True
-            self._send(min(m for m in self.members if self.alive(m)), "ec_done", step=ev["step"], ok=ok,
-                       detail="" if ok else "a local buffer was reused during the round")
+            ok = not self._round_aborted(ev["step"])
+            self._report_round(ev["step"], ok, "" if ok else "a local buffer was reused during the round")
         elif kind == "encode_failed":
-            self._send(min(m for m in self.members if self.alive(m)), "ec_done", step=ev["args"][0], ok=False,
-                       detail=ev["error"])
+            self._report_round(ev["args"][0], False, ev["error"])
         elif kind == "probed":
             self._start_rebuild(ev["meta"])
         elif kind == "rebuilt":
@@ -389,6 +426,11 @@ class Cluster:
             self.d.install_transfer(ev["rank"], ev["step"], Header.unpack(ev["header"]), ev["source"])
         elif kind == "transfer_failed":
             self.d.fail_transfer(ev["args"][0], ev["args"][1], ev["error"])
+
+    def _report_round(self, step: int, ok: bool, detail: str) -> None:
+        mr = self.member_round
+        if mr is not None and mr.step == step:
+            self._send(mr.leader, "ec_done", step=step, ok=ok, detail=detail)
 
     def _start_rebuild(self, meta_bytes: bytes | None) -> None:
         if meta_bytes is None:
@@ -427,19 +469,9 @@ class Cluster:
         """Fetch rank's (step, epoch) from a live peer into `buf`; False when no live peer holds it."""
         for source in self.d.tracker.holders(rank, (step, epoch)):
             if source >= 0 and self.alive(source):
-                self.jobs.put(("transfer_lookup", rank, step, source, buf))
+                self.jobs.put(("transfer", rank, step, source, buf))
                 return True
         return False
-
-    def _job_transfer_lookup(self, link_to, rank: int, step: int, source: int, buf: Buffer) -> dict:
-        link = link_to(source)
-        if link is None:
-            raise RuntimeError(f"node {source} holding rank {rank}'s step {step} is gone")
-        _, blobs = link.request("manifest", self.d.timeout, step=step)
-        for r, _, header_bytes in msgpack.unpackb(blobs[0], raw=False):
-            if r == rank:
-                return self._job_transfer(link_to, rank, step, source, buf, bytes(header_bytes))
-        raise RuntimeError(f"node {source} no longer holds rank {rank}'s step {step}")
 
     # ---- peer requests ---------------------------------------------------------------------------------------
 
@@ -450,34 +482,51 @@ class Cluster:
         except PeerAuthError as exc:
             log.warning("rejected a peer message: %s", exc)
             return
-        self._dispatch(msg, blobs, identity)
+        except ProtocolError as exc:
+            log.warning("rejected a peer message (authentic but malformed): %s", exc)
+            self._reply(identity, loose_id(rest[1]), (), error=str(exc))
+            return
+        try:
+            self._dispatch(msg, blobs, identity)
+        except (KeyError, TypeError, ValueError) as exc:  # authentic but ill-formed inside its fields
+            log.warning("rejected a malformed %r from node %s: %s", msg.get("op"), msg.get("from"), exc)
 
     def _dispatch(self, msg: dict[str, Any], blobs: list[bytes], identity: bytes | None) -> None:
         op = msg["op"]
         if op == "report":
             self._on_report(msg)
         elif op == "ec_start":
-            self._on_ec_start(msg["step"])
+            self._on_ec_start(msg["step"], msg["from"])
         elif op == "ec_done":
             self._on_ec_done(msg)
         elif op == "ec_result":
             self._on_ec_result(msg["step"], msg["ok"])
         elif identity is not None and op in ("manifest", "data", "parity", "ec_status", "payload"):
             try:
-                out = getattr(self, f"_read_{op}")(msg)
-                reply = self.codec.pack("reply", msg["id"], out, ok=True, error="", body=b"")
-            except (KeyError, ValueError, LookupError) as exc:
-                reply = self.codec.pack("reply", msg["id"], (), ok=False, error=str(exc), body=b"")
-            self.sock.send_multipart([identity, *reply], copy=False)
+                self._reply(identity, msg["id"], getattr(self, f"_read_{op}")(msg))
+            except (KeyError, TypeError, ValueError, LookupError) as exc:
+                self._reply(identity, msg["id"], (), error=str(exc))
+
+    def _reply(self, identity: bytes, req_id: int, blobs, error: str = "") -> None:
+        reply = self.codec.pack("reply", req_id, blobs, ok=not error, error=error, body=b"")
+        self.sock.send_multipart([identity, *reply], copy=False)
 
     def _node_data(self, step: int) -> NodeData:
-        parts = []
-        for rank, rb in self.d.store.ranks.items():
-            buf = rb.holding(step)
-            if buf is not None:
-                parts.append(Part(rank, buf, buf.header.payload_len))
-        if step == self.member_round and self.member_round_aborted:
-            raise LookupError(f"step {step} is no longer held (a buffer was reused)")
+        """This node's data of `step` as the code sees it; LookupError unless it is whole and still the data the
+        group encoded (a reader that gets it ignores this member: its block counts as lost)."""
+        if self.rebuilding:
+            raise LookupError(f"node {self.node} is being rebuilt")
+        mr = self.member_round
+        if mr is not None and mr.step == step and mr.aborted:
+            raise LookupError(f"node {self.node} no longer holds step {step} (a buffer was reused)")
+        parts = [Part(rank, buf, buf.header.payload_len) for rank, rb in self.d.store.ranks.items()
+                 if (buf := rb.holding(step)) is not None]
+        if not parts:
+            raise LookupError(f"node {self.node} holds no snapshot of step {step}")
+        if self.meta is not None and step == self.meta.step:
+            manifest = self.meta.manifests[self.meta.members.index(self.node)]
+            if sorted((p.rank, p.length, p.buffer.header.pack()) for p in parts) != sorted(manifest):
+                raise LookupError(f"node {self.node}'s step {step} is not the data its parity was computed over")
         return NodeData(parts)
 
     def _read_manifest(self, msg) -> list[bytes]:
@@ -486,13 +535,14 @@ class Cluster:
 
     def _read_data(self, msg) -> list[bytes]:
         data = self._node_data(msg["step"])
-        return [data.read(off, length) for off, length in msg["ranges"]]
+        return [data.read(off, length) for off, length in _checked_ranges(msg["ranges"])]
 
     def _read_parity(self, msg) -> list[bytes]:
         if self.meta is None or self.meta.step != msg["step"]:
             raise LookupError(f"no parity of step {msg['step']} (protected: {self.protected})")
         chunk = self.meta.chunk
-        return [self.parity.read(msg["step"], slot * chunk, chunk) for slot in msg["slots"]]
+        return [self.parity.read(msg["step"], off, length)
+                for off, length in _checked_ranges([[slot * chunk, chunk] for slot in _checked_ints(msg["slots"])])]
 
     def _read_ec_status(self, msg) -> list[bytes]:
         return [self.meta.pack()] if self.meta is not None and not self.rebuilding else []
@@ -519,3 +569,17 @@ class Cluster:
         self.events.close(0)
         if self.links is not None:
             self.links.close()
+
+
+def _checked_ints(values: list) -> list[int]:
+    if not all(type(v) is int and v >= 0 for v in values):
+        raise ValueError("expected a list of non-negative ints")
+    return values
+
+
+def _checked_ranges(ranges: list) -> list[tuple[int, int]]:
+    """[offset, length] pairs of a peer read, within the frame limit."""
+    pairs = [tuple(_checked_ints(r)) for r in ranges if isinstance(r, list) and len(r) == 2]
+    if len(pairs) != len(ranges) or sum(length for _, length in pairs) > MAX_PEER_BYTES:
+        raise ValueError(f"bad read ranges (pairs of [offset, length] totalling at most {MAX_PEER_BYTES} bytes)")
+    return pairs

@@ -26,7 +26,8 @@ from ftmem.smp.buffers import BufferStore
 from ftmem.smp.cluster import Cluster, ClusterConfig
 from ftmem.smp.commit import LOCAL, CommitTracker, reusable
 from ftmem.smp.layout import HEADER_SIZE, MAX_CHUNKS, BufferState, Header
-from ftmem.smp.protocol import CONTROL_SCHEMA, MAX_CONTROL_BYTES, ProtocolError, decode, encode
+from ftmem.smp.protocol import CONTROL_SCHEMA, MAX_CONTROL_BYTES, ProtocolError, decode, encode, loose_id
+from ftmem.smp.shm import ShmFullError
 
 log = get_logger("smp")
 TICK_MS = 200
@@ -156,15 +157,17 @@ class SnapshotDaemon:
     # ---- request handling ------------------------------------------------------------------------------------
 
     def _handle(self, sock: zmq.Socket, frames: list[bytes]) -> None:
-        if len(frames) != 2:
-            log.warning("dropped a message of %d frames (expected one)", len(frames) - 1)
+        identity, data, *extra = frames
+        if extra:
+            log.warning("rejected a message of %d frames (expected one)", len(frames) - 1)
+            sock.send_multipart([identity, encode({"id": loose_id(data), "ok": False,
+                                                   "error": f"a request is one frame, got {len(frames) - 1}"})])
             return
-        identity, data = frames
         try:
             msg = decode(data, CONTROL_SCHEMA, MAX_CONTROL_BYTES)
         except ProtocolError as exc:
             log.warning("rejected a malformed request: %s", exc)
-            sock.send_multipart([identity, encode({"id": _loose_id(data), "ok": False, "error": str(exc)})])
+            sock.send_multipart([identity, encode({"id": loose_id(data), "ok": False, "error": str(exc)})])
             return
         self._serve(sock, identity, msg)
 
@@ -172,11 +175,17 @@ class SnapshotDaemon:
         """Answer `msg` unless it must wait; True when answered."""
         try:
             reply = getattr(self, f"_op_{msg['op']}")(msg)
-        except RequestError as exc:
+        except (RequestError, ShmFullError) as exc:
             reply = {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug must cost one request, not the node's snapshots
+            log.exception("internal error serving %s", msg)
+            reply = {"ok": False, "error": f"internal SMP error ({type(exc).__name__}: {exc}); see the SMP log"}
         if reply is None:
-            if not any(p.msg["id"] == msg["id"] for p in self.pending):
+            waiting = next((p for p in self.pending if p.msg["id"] == msg["id"]), None)
+            if waiting is None:
                 self.pending.append(_Pending(identity, msg, time.monotonic() + self.timeout))
+            else:
+                waiting.identity = identity  # a retry on a fresh socket: answer there
             return False
         reply.setdefault("ok", True)
         sock.send_multipart([identity, encode({"id": msg["id"], **reply})])
@@ -193,6 +202,8 @@ class SnapshotDaemon:
                 self.pending[-1].deadline = p.deadline
 
     def _stuck_reason(self, msg: dict[str, Any]) -> str:
+        if msg["op"] != "prepare":
+            return f"timed out after {self.timeout:.0f}s: {msg['op']} of rank {msg.get('rank')} still cannot be served"
         rb = self.store.of(msg["rank"])
         newest = max((b.complete_step for b in rb.buffers if b.complete_step is not None), default=None)
         epoch = self.tracker.epoch
@@ -241,11 +252,15 @@ class SnapshotDaemon:
                 "lost": self.cluster.rebuild_error or ""}
 
     def _op_begin(self, msg):
+        """Open epoch `epoch` restarting after `step` (-1: from scratch); only once the rank's snapshot is here."""
         rank, step, epoch = msg["rank"], msg["step"], msg["epoch"]
         restart = None if step < 0 else step
+        rb = self.store.of(rank)
+        if restart is not None and rb.holding(restart) is None:
+            self._fetch_moved(rank, restart)
+            return None  # a transfer from a peer is under way
         if epoch > self.tracker.epoch or self.tracker.committed != restart:
             self.tracker.restart_at(restart, epoch)
-        rb = self.store.of(rank)
         for buf in rb.buffers:
             if buf.header.state != BufferState.EMPTY and (restart is None or buf.header.step > restart):
                 rb.invalidate(buf)
@@ -253,25 +268,28 @@ class SnapshotDaemon:
         if restart is None:
             return {"source": "none"}
         buf = rb.holding(restart)
-        if buf is not None:
-            return {"source": buf.origin, "segment": buf.segment.name}
-        error = self.transfer_errors.pop((rank, restart), None)
+        return {"source": buf.origin, "segment": buf.segment.name}
+
+    def _fetch_moved(self, rank: int, step: int) -> None:
+        """Start (or keep waiting for) fetching a moved rank's snapshot from the peer that holds it; RequestError
+        when no live node holds it or the fetch failed."""
+        rb = self.store.of(rank)
+        error = self.transfer_errors.pop((rank, step), None)
         if error is not None:
             raise RequestError(error)
-        if any(b.header.state == BufferState.WRITING and b.header.step == restart for b in rb.buffers):
-            return None  # a transfer from a peer is under way
-        epoch_of = [e for s, e in self.tracker.complete(rank) if s == restart]
-        if self.cluster is not None and epoch_of:
-            target = rb.buffers[reusable([b.complete_step for b in rb.buffers], restart, None)[0]]
-            holders = [n for n in self.tracker.holders(rank, (restart, epoch_of[0])) if n != LOCAL]
-            if holders:
-                rb.invalidate(target)
-                self.store.ensure_size(rank, target, HEADER_SIZE + self._payload_hint(rank, restart))
-                target.write_header(Header(BufferState.WRITING, rank=rank, step=restart, epoch=epoch_of[0]))
-                if self.cluster.start_transfer(rank, restart, epoch_of[0], target):
-                    log.info("fetching rank %d's snapshot of step %d from node %s", rank, restart, holders)
-                    return None
-                rb.invalidate(target)
+        if any(b.header.state == BufferState.WRITING and b.header.step == step for b in rb.buffers):
+            return  # register dropped every rank-written WRITING buffer: this one is a transfer
+        epoch_of = [e for s, e in self.tracker.complete(rank) if s == step]
+        holders = [n for n in self.tracker.holders(rank, (step, epoch_of[0])) if n != LOCAL] if epoch_of else []
+        if self.cluster is not None and holders:
+            target = rb.buffers[reusable([b.complete_step for b in rb.buffers], step, None)[0]]
+            rb.invalidate(target)
+            self.store.ensure_size(rank, target, HEADER_SIZE + self._payload_hint(rank))
+            target.write_header(Header(BufferState.WRITING, rank=rank, step=step, epoch=epoch_of[0]))
+            if self.cluster.start_transfer(rank, step, epoch_of[0], target):
+                log.info("fetching rank %d's snapshot of step %d from node %s", rank, step, holders)
+                return
+            rb.invalidate(target)
         raise RequestError(f"rank {rank} has no snapshot of step {step} on node {self.env.node} or a live peer")
 
     def _op_corrupt(self, msg):
@@ -283,7 +301,7 @@ class SnapshotDaemon:
             self._update_complete(msg["rank"])
         return {"retry": False}
 
-    def _payload_hint(self, rank: int, step: int) -> int:
+    def _payload_hint(self, rank: int) -> int:
         """Room for a fetched payload: any local buffer's size is a good guess; the transfer regrows if not."""
         return max((b.segment.size - HEADER_SIZE for b in self.store.of(rank).buffers if b.segment), default=0)
 
@@ -317,9 +335,10 @@ class SnapshotDaemon:
             if not free:
                 return None  # wait until the newest step commits
             buf = rb.buffers[free[0]]
-            if self.cluster is not None:
-                self.cluster.buffer_taken(buf.complete_step)
+            taken = buf.complete_step
             self.store.ensure_size(rank, buf, nbytes)
+            if self.cluster is not None:
+                self.cluster.buffer_taken(taken)
             buf.write_header(Header(BufferState.WRITING, rank=rank, world=self.tracker.world or 0, step=step,
                                     epoch=epoch))
             self._update_complete(rank)
@@ -376,13 +395,3 @@ class SnapshotDaemon:
         self.tracker.evaluate()
         self._retry_pending(self._sock)
 
-
-def _loose_id(data: bytes) -> int:
-    """The request id of a message that failed validation, when one can be found."""
-    try:
-        import msgpack
-
-        msg = msgpack.unpackb(data, raw=False)
-        return msg["id"] if isinstance(msg, dict) and type(msg.get("id")) is int else -1
-    except Exception:
-        return -1

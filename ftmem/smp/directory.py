@@ -12,11 +12,14 @@ import secrets
 import threading
 import time
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import msgpack
-from torch.distributed import TCPStore
 
 from ftmem.log import get_logger
+
+if TYPE_CHECKING:
+    from torch.distributed import TCPStore
 
 log = get_logger("smp")
 
@@ -35,6 +38,8 @@ class Directory:
         self._stop = threading.Event()
 
     def connect(self) -> None:
+        from torch.distributed import TCPStore  # only multi-node SMPs pay for importing torch
+
         self._store = TCPStore(self._host, self._port, is_master=False, timeout=timedelta(seconds=self.timeout),
                                wait_for_workers=False)
 

@@ -156,5 +156,5 @@ class Descriptor:
 
     def entries_in(self, start: int, stop: int) -> list[str]:
         """Names of the tensors overlapping payload bytes [start, stop) (to name what a bad chunk hit)."""
-        hit = [e.name for e in self.entries if e.offset < stop and e.offset + e.nbytes > start]
+        hit = [e.name for e in self.entries if e.nbytes and e.offset < stop and e.offset + e.nbytes > start]
         return hit or ["<snapshot descriptor>"]

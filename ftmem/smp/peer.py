@@ -14,7 +14,7 @@ import itertools
 import os
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import zmq
 
@@ -22,6 +22,7 @@ from ftmem.smp.protocol import ProtocolError, decode, encode
 
 MAX_PEER_BYTES = 256 << 20
 MAX_HEADER_BYTES = 4 << 20
+GONE_CHECK_S = 0.5  # how often a waiting request asks whether its peer is still alive
 _N = int  # readability of the schema below
 
 PEER_SCHEMA: dict[str, dict[str, type]] = {
@@ -41,8 +42,11 @@ PEER_SCHEMA: dict[str, dict[str, type]] = {
 }
 
 
+_SCHEMA = {op: {**fields, "job": str, "from": int} for op, fields in PEER_SCHEMA.items()}
+
+
 class PeerAuthError(ValueError):
-    """A peer message that failed authentication or validation."""
+    """A peer message that failed authentication (or came from another job): dropped unanswered."""
 
 
 class PeerCodec:
@@ -67,7 +71,8 @@ class PeerCodec:
         return [self._mac([header, *blobs]), header, *blobs]
 
     def unpack(self, frames: Sequence[bytes]) -> tuple[dict[str, Any], list[bytes]]:
-        """Verify and decode ``[mac, header, *blobs]``; PeerAuthError says why a message is rejected."""
+        """Verify and decode ``[mac, header, *blobs]``: PeerAuthError for a message that is not authentic,
+        ProtocolError for an authentic one that breaks the schema (its sender may be answered)."""
         if len(frames) < 2:
             raise PeerAuthError("truncated peer message (no header)")
         if sum(len(f) for f in frames) > MAX_PEER_BYTES:
@@ -75,22 +80,22 @@ class PeerCodec:
         mac, header, blobs = frames[0], frames[1], list(frames[2:])
         if len(mac) != 32 or not hmac.compare_digest(mac, self._mac([header, *blobs])):
             raise PeerAuthError("bad or missing MAC (wrong secret, or a corrupted or truncated frame)")
-        schema = {op: {**fields, "job": str, "from": int} for op, fields in PEER_SCHEMA.items()}
-        try:
-            msg = decode(header, schema, MAX_HEADER_BYTES)
-        except ProtocolError as exc:
-            raise PeerAuthError(str(exc)) from exc
+        msg = decode(header, _SCHEMA, MAX_HEADER_BYTES)
         if msg["job"] != self.job:
             raise PeerAuthError(f"message for job {msg['job']!r}, not {self.job!r}")
         return msg, blobs
 
 
 class PeerLink:
-    """Outgoing connection to one peer SMP. Not thread-safe: each thread owns its links."""
+    """Outgoing connection to one peer SMP. Not thread-safe: each thread owns its links.
 
-    def __init__(self, codec: PeerCodec, endpoint: str) -> None:
+    `gone` says the peer stopped heartbeating: a request waiting on it then fails within GONE_CHECK_S instead of
+    waiting out its whole timeout."""
+
+    def __init__(self, codec: PeerCodec, endpoint: str, gone: Callable[[], bool] = lambda: False) -> None:
         self.codec = codec
         self.endpoint = endpoint
+        self.gone = gone
         self._ids = itertools.count(1)
         self._sock: zmq.Socket | None = None
 
@@ -117,11 +122,14 @@ class PeerLink:
         sock.send_multipart(self.codec.pack(op, req_id, **fields), copy=False)
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            if not sock.poll(int(left * 1000) + 1):
+            if not sock.poll(int(min(left, GONE_CHECK_S) * 1000) + 1):
+                if self.gone():
+                    self.close()
+                    raise TimeoutError(f"peer {self.endpoint} is gone (no heartbeat) while waiting for {op!r}")
                 continue
             try:
                 msg, blobs = self.codec.unpack(sock.recv_multipart())
-            except PeerAuthError:
+            except (PeerAuthError, ProtocolError):
                 continue
             if msg["op"] == "reply" and msg["id"] == req_id:
                 if not msg["ok"]:
@@ -148,12 +156,13 @@ class Links:
         self._links: dict[int, PeerLink] = {}
         self._lock = threading.Lock()
 
-    def to(self, node: int, endpoint: str) -> PeerLink:
+    def to(self, node: int, endpoint: str, gone: Callable[[], bool] = lambda: False) -> PeerLink:
         link = self._links.get(node)
         if link is None or link.endpoint != endpoint:
             if link is not None:
                 link.close()
-            link = self._links[node] = PeerLink(self.codec, endpoint)
+            link = self._links[node] = PeerLink(self.codec, endpoint, gone)
+        link.gone = gone
         return link
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from typing import Callable
 
 import msgpack
 
+from ftmem.faults import crash_point
 from ftmem.erasure import StripeLayout, choose_chunk_size, encode_parity, pad
 from ftmem.smp.parity import ParityStore
 from ftmem.smp.peer import PeerLink
@@ -91,4 +92,5 @@ def encode_round(step: int, node: int, members: tuple[int, ...], f: int, link_to
             blocks = [pad(chunks[(t, d)], layout.chunk_size) for d in layout.data_members(t)]
             (block,) = encode_parity(k, n, blocks, [layout.parity_index(t, me)])
             parity.write(seg, layout.parity_slot(t, me) * layout.chunk_size, block)
+        crash_point("smp_mid_encode", step)
     return meta

@@ -17,6 +17,8 @@ import msgpack
 import zmq
 
 MAX_CONTROL_BYTES = 1 << 20
+MAX_INT = 1 << 62  # well inside the int64 every header field holds
+NONE_AS_MINUS_ONE = frozenset({"step", "committed", "protected"})  # -1 says "no step"; every other int is >= 0
 
 # op -> {field: type}. `int` never accepts a bool.
 CONTROL_SCHEMA: dict[str, dict[str, type]] = {
@@ -72,10 +74,31 @@ def decode(data: bytes, schema: Mapping[str, Mapping[str, type]], max_bytes: int
             raise ProtocolError(f"{op}: missing field {name!r}")
         if type(msg[name]) is not typ:
             raise ProtocolError(f"{op}: field {name!r} must be {typ.__name__}, got {type(msg[name]).__name__}")
+        low = -1 if name in NONE_AS_MINUS_ONE else 0
+        if typ is int and not low <= msg[name] < MAX_INT:
+            raise ProtocolError(f"{op}: field {name!r} is out of range [{low}, 2**62): {msg[name]}")
     extra = set(msg) - set(fields) - {"op", "id"}
     if extra:
         raise ProtocolError(f"{op}: unexpected fields {sorted(extra)}")
     return msg
+
+
+def loose_id(data: bytes) -> int:
+    """The request id of a message that failed validation, when one can be found (-1 otherwise)."""
+    try:
+        msg = msgpack.unpackb(data, raw=False)
+    except Exception:  # whatever the bytes are, the answer is "no id"
+        return -1
+    return msg["id"] if isinstance(msg, dict) and type(msg.get("id")) is int else -1
+
+
+_COUNTER = itertools.count()
+
+
+def _request_id() -> int:
+    """Unique among every client of an SMP (all processes, all clients of one process): the SMP keys requests
+    that wait by id, and a retried request keeps its id."""
+    return (os.getpid() << 32) | (next(_COUNTER) & 0xFFFFFFFF)
 
 
 class ControlClient:
@@ -91,7 +114,6 @@ class ControlClient:
         self.retry_interval = retry_interval
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
-        self._ids = itertools.count((os.getpid() << 20) & 0x7FFFFFFFFFFF)
         self._lock = threading.Lock()
 
     def _socket(self) -> zmq.Socket:
@@ -110,7 +132,7 @@ class ControlClient:
         """Send one request and wait for its reply; SmpError on an error reply, SmpUnavailable on silence."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         with self._lock:
-            req_id = next(self._ids)
+            req_id = _request_id()
             payload = encode({"op": op, "id": req_id, **fields})
             while True:
                 sock = self._socket()

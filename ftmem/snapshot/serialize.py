@@ -24,7 +24,7 @@ def _default(obj: Any) -> Any:
         raw = t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         return msgpack.ExtType(_TENSOR, pack([str(t.dtype).removeprefix("torch."), list(t.shape), raw]))
     if isinstance(obj, np.ndarray):
-        a = np.ascontiguousarray(obj)
+        a = np.asarray(obj, order="C")  # ascontiguousarray would make a 0-d array 1-d
         return msgpack.ExtType(_NDARRAY, pack([a.dtype.str, list(a.shape), a.tobytes()]))
     if isinstance(obj, np.generic):
         return obj.item()

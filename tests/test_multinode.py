@@ -1,0 +1,476 @@
+"""Simulated multi-node jobs on one machine (DESIGN.md sections 5 and 7): one `ftmem-run --nnodes N --node-rank i`
+per node, all on loopback, each with its own SMP and shared memory. A node is lost whole (launcher, agent,
+workers, SMP and segments at once, ftmem.chaos.kill_node) and a replacement with the same node rank and empty
+memory joins; its SMP rebuilds the lost snapshot from the survivors' erasure code and the job ends with the same
+final hash as a run without failures. More losses than the code tolerates must fail loudly, never restart from
+step 0 or finish wrong. The SMP's peer socket drops forged and malformed messages and keeps serving.
+
+Node 0 is started first and never killed: its agent hosts the job's rendezvous store (and the SMPs' directory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import random
+import re
+import sys
+import time
+from datetime import timedelta
+
+import msgpack
+import pytest
+import zmq
+
+from conftest import EXAMPLE, Cluster, final_hash, free_port
+from ftmem.smp.peer import MAX_PEER_BYTES, PeerCodec, PeerLink
+from ftmem.smp.protocol import ControlClient, SmpError, SmpUnavailable
+
+STEPS = 24
+TRAIN = ["--steps", str(STEPS)]
+SLOW = ["--step-sleep", "0.1"]  # so a kill from outside lands mid-run
+DIM = ["--dim", "128"]  # ~5 MB per rank: an EC round takes ~0.1 s here, several times longer than a kill
+# FTMEM_TIMEOUT of the jobs: far above any wait a healthy recovery needs here (~20 s), low enough that a wait for a
+# dead node (which should never happen) ends well within the test's time
+TIMEOUT = "60"
+# the kill steps are drawn from this seed, printed by each test; FTMEM_TEST_SEED=N replays a failure
+SEED = int(os.environ.get("FTMEM_TEST_SEED") or random.randrange(2**32))
+
+
+@pytest.fixture(scope="module")
+def golden(module_cluster):
+    """golden(world, *args): final hash of the job without ftmem for `world` ranks (each computed once)."""
+    c, cache = module_cluster, {}
+
+    def get(world: int, *args: str) -> str:
+        key = (world, args)
+        if key not in cache:
+            run = c.start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(world), str(EXAMPLE), *TRAIN, *args, "--no-ftmem"], name=f"golden{world}")
+            cache[key] = final_hash(c.wait(run, timeout=180))
+            assert run.returncode == 0, c.logs()
+        return cache[key]
+
+    return get
+
+
+class Job:
+    """The nodes of one simulated multi-node job; `procs[i]` is node i's current launcher."""
+
+    def __init__(self, cluster: Cluster, nnodes: int, extra_args=(), script_args=(), **env: str) -> None:
+        self.c, self.nnodes, self.port = cluster, nnodes, free_port()
+        self.extra, self.script, self.env = [*extra_args], [*TRAIN, *SLOW, *script_args], env
+        self.procs: dict = {}
+        self.killed: list = []
+
+    def start(self, i: int, name: str | None = None):
+        self.procs[i] = self.c.node(i, self.nnodes, self.port, self.extra, self.script, name=name, **self.env)
+        return self.procs[i]
+
+    def start_all(self) -> None:
+        self.start(0)
+        # node 0's agent hosts the rendezvous store; its SMP has published itself there once it logs this
+        self.c.wait_until(lambda: "peer endpoint" in self.c.smp_log(0) or self.procs[0].poll() is not None, 90,
+                          "node 0's SMP to publish its peer endpoint")
+        assert self.procs[0].poll() is None, f"node 0 exited early\n{self.c.logs()}"
+        for i in range(1, self.nnodes):
+            self.start(i)
+
+    def output(self) -> str:
+        return "\n".join(self.c.output(p) for p, _ in self.c.procs if p in [*self.procs.values(), *self.killed])
+
+    def wait_for_step(self, step: int, timeout: float = 120) -> None:
+        """Until some rank printed `step {step} loss` (rank 0 prints; which node it runs on is the agents' choice)."""
+        needle = re.compile(rf"^step {step} loss", re.M)
+
+        def seen() -> bool:
+            dead = [i for i, p in self.procs.items() if p.poll() is not None]
+            if dead:
+                pytest.fail(f"node(s) {dead} exited before step {step}\n{self.c.logs()}")
+            return any(needle.search(self.c.output(p)) for p in self.procs.values())
+
+        self.c.wait_until(seen, timeout, f"step {step}")
+
+    def kill(self, *nodes: int) -> None:
+        """Kill `nodes` whole, all at once."""
+        pids = self.c.kill_nodes({i: self.procs[i] for i in nodes})
+        print(f"killed node(s) {list(nodes)}: pids {pids}")
+        self.killed.extend(self.procs.pop(i) for i in nodes)
+        assert all(node_segments(self.c, i) == [] for i in nodes), "kill_node left segments behind"
+
+    def crashes(self) -> list[str]:
+        """SMP logs with a python traceback: an SMP (or its worker thread) died of a bug."""
+        return [f"node {i}" for i in range(self.nnodes) if "Traceback (most recent call last)" in self.c.smp_log(i)]
+
+    def finish(self, timeout: float = 240, poll=None) -> dict[int, int]:
+        """Wait for every current node (calling `poll()` meanwhile); their exit codes by node. Fails at once, with
+        every log, when an SMP crashed (the job would otherwise only end when some ftmem wait times out)."""
+        def done() -> bool:
+            if self.crashes():
+                pytest.fail(f"SMP traceback in the log of {self.crashes()}\n{self.c.logs()}")
+            if poll is not None:
+                poll()
+            return all(p.poll() is not None for p in self.procs.values())
+
+        self.c.wait_until(done, timeout, "every node to exit", interval=0.2)
+        return {i: p.returncode for i, p in self.procs.items()}
+
+    def final_hashes(self) -> list[str]:
+        return re.findall(r"^final-hash (\w+)", "\n".join(self.c.output(p) for p in self.procs.values()), re.M)
+
+
+def node_segments(c: Cluster, node: int) -> list[str]:
+    return [s for s in c.segments() if s.startswith(f"ftmem.{c.job}.n{node}.")]
+
+
+def restored(output: str) -> list[tuple[int, int, str]]:
+    """(rank, step, source) of every `rank R restored step S from SOURCE` line."""
+    return [(int(r), int(s), src) for r, s, src in re.findall(r"rank (\d+) restored step (\d+) from ([^:]+):", output)]
+
+
+def kill_and_replace(cluster: Cluster, golden, *, nnodes: int, victims: tuple[int, ...], kill_at: int,
+                     extra_args=(), script_args=()) -> Job:
+    """Run an nnodes-node job, kill `victims` whole after step `kill_at`, start replacements, expect the golden
+    hash; returns the job for further checks."""
+    expected = golden(nnodes, *script_args)
+    job = Job(cluster, nnodes, ["--max-restarts", "3", *extra_args], script_args, FTMEM_TIMEOUT=TIMEOUT)
+    job.start_all()
+    job.wait_for_step(kill_at)
+    job.kill(*victims)
+    for i in victims:
+        job.start(i, name=f"node{i}-replacement")
+    codes = job.finish()
+    out = job.output()
+    assert codes == {i: 0 for i in range(nnodes)}, f"exit codes {codes}\n{cluster.logs()}"
+    hashes = job.final_hashes()
+    assert hashes == [expected], f"final hashes {hashes}, baseline {expected}\n{cluster.logs()}"
+    for i in victims:
+        assert f"rebuilt node {i}'s snapshot" in cluster.smp_log(i), cluster.logs()
+    assert "resumed-at-step" in out, cluster.logs()
+    rest = restored(out)
+    print(f"restores: {rest}")
+    assert any(src.startswith("erasure code") for _, _, src in rest), cluster.logs()
+    steps = {s for _, s, _ in rest}
+    assert len(steps) == 1, f"ranks restored different steps {rest}"
+    assert steps.pop() <= kill_at + 2, f"restored {rest} but the kill came after step {kill_at}"
+    waited = waits_for_the_dead(cluster, [i for i in range(nnodes) if i not in victims])
+    assert not waited, (f"a survivor waited FTMEM_TIMEOUT for a dead node instead of abandoning the interrupted EC "
+                        f"round (see test_node_killed_while_its_parity_is_being_computed): {waited}\n{cluster.logs()}")
+    return job
+
+
+def waits_for_the_dead(cluster: Cluster, nodes) -> list[str]:
+    """SMP log lines of `nodes` saying an EC round ran into FTMEM_TIMEOUT (a round or a read waiting for a node
+    that was dead): never needed when the dead node is noticed, and it stalls protection, or training, that long."""
+    return [f"node {i}: {line}" for i in nodes for line in cluster.smp_log(i).splitlines()
+            if "EC round" in line and ("timed out" in line or "within" in line)]
+
+
+# ---------------------------------------------------------------------------------------------- golden runs
+
+
+def test_three_nodes_lose_one_and_rebuild_it_bit_identically(cluster, golden):
+    k = random.Random(SEED).randint(8, 18)
+    print(f"FTMEM_TEST_SEED={SEED}: node 2 dies after step {k}")
+    kill_and_replace(cluster, golden, nnodes=3, victims=(2,), kill_at=k, script_args=DIM)
+
+
+def test_four_nodes_two_parity_lose_two_at_once(cluster, golden):
+    k = random.Random(SEED + 1).randint(8, 18)
+    print(f"FTMEM_TEST_SEED={SEED}: nodes 2 and 3 die after step {k}")
+    kill_and_replace(cluster, golden, nnodes=4, victims=(2, 3), kill_at=k,
+                     extra_args=["--ftmem-ec-group", "4", "--ftmem-ec-parity", "2"])
+    assert "EC group [0, 1, 2, 3] with 2 parity" in cluster.smp_log(0)
+
+
+def test_more_losses_than_parity_fail_loudly(cluster):
+    """Nodes 1 and 2 of a 3-node f=1 group die at once: their snapshots are gone for good. The job must fail with
+    an error naming the lost data (restore.py's `_agree`, carrying rebuild.py's RebuildError), never restart from
+    step 0 and never finish (with a wrong hash)."""
+    k = random.Random(SEED + 2).randint(8, 18)
+    print(f"FTMEM_TEST_SEED={SEED}: nodes 1 and 2 die after step {k}")
+    job = Job(cluster, 3, ["--max-restarts", "1"], FTMEM_TIMEOUT=TIMEOUT)
+    job.start_all()
+    job.wait_for_step(k)
+    mark = len(cluster.output(job.procs[0]))
+    job.kill(1, 2)
+    survivor = job.procs[0]
+    for i in (1, 2):
+        job.start(i, name=f"node{i}-replacement")
+    codes = job.finish(timeout=200)
+    print(f"exit codes {codes}")
+    after = cluster.output(survivor)[mark:] + "".join(cluster.output(job.procs[i]) for i in (1, 2))
+    smp = "".join(cluster.smp_log(i) for i in range(3))
+    for line in (after + smp).splitlines():
+        if re.search(r"restorable|cannot rebuild|cannot be rebuilt|restore failed|restored step|resumed-at|"
+                     r"RestoreError|RebuildError", line):
+            print(f"   {line[:300]}")
+    assert all(code != 0 for code in codes.values()), f"exit codes {codes}\n{cluster.logs()}"
+    assert job.final_hashes() == [], f"the job finished after losing more than f nodes\n{cluster.logs()}"
+    assert "resumed-at-step" not in after and "starting at step 0" not in after, cluster.logs()
+    # rank 0 may still print the step that was in flight at the kill, nothing after it
+    late = [int(x) for x in re.findall(r"^step (\d+) loss", after, re.M)]
+    assert all(s == k + 1 for s in late), f"training went on after the loss: steps {late}\n{cluster.logs()}"
+    assert "no snapshot is restorable on every rank" in after, cluster.logs()
+    assert re.search(r"cannot rebuild node [12]'s snapshot of step \d+: group members \[[12]\] are unavailable",
+                     after + smp), cluster.logs()
+
+
+# ----------------------------------------------------------------------------- a node lost during an EC round
+
+def test_node_killed_while_its_parity_is_being_computed(cluster, golden):
+    """Deterministic trigger instead of a random moment: an SMP's second parity slot (parity1) is created when it
+    starts the first EC round after a step was protected (parity0 then holds that step), right after fetching the
+    manifests and before reading any data. The test polls /dev/shm and kills node 2 whole as soon as node 2's
+    parity1 appears, i.e. while node 2 computes parity for that round (and its peers read node 2's data for
+    theirs); rounds of this model take ~0.1 s here, the kill a few ms. Node 0's protected step, sampled all along,
+    proves it: if it is still the first step ever protected after the kill, the second round never completed.
+    The survivors keep the previously protected step, the replacement rebuilds it, every rank restores it and the
+    final hash is the baseline's. Afterwards the group must protect newer steps again: the interrupted round must
+    not block erasure coding for the rest of the job."""
+    expected = golden(3, *DIM)
+    job = Job(cluster, 3, ["--max-restarts", "3"], DIM, FTMEM_TIMEOUT=TIMEOUT)
+    job.start_all()
+    node0 = ControlClient(cluster.control_address(0), timeout=10.0, retry_interval=2.0)
+    cluster.clients.append(node0)
+    slot = f"ftmem.{cluster.job}.n2.parity1."
+    first: list[int] = []  # the first step node 0 reported protected
+
+    def round_started() -> bool:
+        if any(p.poll() is not None for p in job.procs.values()):
+            pytest.fail(f"a node exited before node 2's second EC round\n{cluster.logs()}")
+        if any(s.startswith(slot) for s in node_segments(cluster, 2)):
+            return True
+        if not first:
+            protected = node0.call("status", timeout=5.0)["protected"]
+            first.extend([] if protected is None else [protected])
+        return False
+
+    cluster.wait_until(round_started, 120, "node 2 to start its second EC round", interval=0.001)
+    start = time.monotonic()
+    job.kill(2)
+    print(f"node 2 killed (and reaped) {1000 * (time.monotonic() - start):.0f} ms after its second round was "
+          f"seen starting")
+    status = node0.call("status")
+    print(f"node 0: first protected step {first}; right after the kill: committed {status['committed']}, "
+          f"protected {status['protected']}")
+    assert first and status["protected"] == first[0], (
+        f"node 2's second round completed before the kill landed (first protected step {first}, protected after "
+        f"the kill {status['protected']}): the kill was not mid-round\n{cluster.logs()}")
+    job.start(2, name="node2-replacement")
+    seen: list[tuple[int, int]] = []
+
+    def watch() -> None:
+        try:
+            st = node0.call("status", timeout=1.0)
+        except (SmpUnavailable, SmpError):
+            return
+        if st["protected"] is not None and (not seen or seen[-1] != (st["committed"], st["protected"])):
+            seen.append((st["committed"], st["protected"]))
+
+    codes = job.finish(poll=watch)
+    assert codes == {0: 0, 1: 0, 2: 0}, f"exit codes {codes}\n{cluster.logs()}"
+    assert job.final_hashes() == [expected], f"{job.final_hashes()} vs baseline {expected}\n{cluster.logs()}"
+    rebuilt = re.findall(r"rebuilt node 2's snapshot of step (\d+)", cluster.smp_log(2))
+    rest = restored(job.output())
+    print(f"rebuilt {rebuilt}, restores {rest}")
+    print(f"node 0's (committed, protected) from the replacement's start to the end: {seen}")
+    for i in (0, 1, 2):
+        for line in cluster.smp_log(i).splitlines():
+            if "EC round" in line:
+                print(f"   node {i}: {line}")
+    assert rebuilt and int(rebuilt[0]) == status["protected"], cluster.logs()
+    assert {s for _, s, _ in rest} == {status["protected"]}, cluster.logs()
+    waited = waits_for_the_dead(cluster, (0, 1))
+    assert not waited, (f"a survivor waited FTMEM_TIMEOUT for the dead node instead of abandoning the interrupted "
+                        f"round: {waited} (node 0's (committed, protected): {seen})\n{cluster.logs()}")
+    assert max((p for _, p in seen), default=-1) > status["protected"], (
+        f"no step after {status['protected']} was protected again before the job ended (node 0 saw {seen}): the "
+        f"round interrupted by the kill blocks erasure coding until it times out\n{cluster.logs()}")
+
+
+# ------------------------------------------------------------------------------------------ the peer socket
+
+SECRET = "s3cret-for-ftmem-peer-tests-0001"  # 32 characters
+
+
+def _mac(secret: bytes, frames: list[bytes]) -> bytes:
+    """HMAC-SHA256 over length-prefixed frames, as documented in ftmem/smp/peer.py (independent of PeerCodec)."""
+    mac = hmac.new(secret, digestmod=hashlib.sha256)
+    for f in frames:
+        mac.update(len(f).to_bytes(8, "little"))
+        mac.update(f)
+    return mac.digest()
+
+
+class Peers:
+    """Two bare SMPs of a 2-node job (`python -m ftmem.smp --nnodes 2`), sharing a known secret and meeting
+    through a TCPStore hosted by this process."""
+
+    def __init__(self, c: Cluster) -> None:
+        from torch.distributed import TCPStore
+
+        self.c, port = c, free_port()
+        self.store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                              timeout=timedelta(seconds=30))
+        self.args = ["--nnodes", "2", "--store", f"127.0.0.1:{port}", "--peer-host", "127.0.0.1", "--timeout", "30"]
+        self.smp0 = self._start(0)
+        c.start_smp(*self.args, node=1, name="smp1", FTMEM_SECRET=SECRET)
+
+    def _start(self, node: int):
+        key = f"ftmem/{self.c.job}/smp/{node}"
+        old = self.store.get(key) if self.store.check([key]) else None
+        proc = self.c.start_smp(*self.args, node=node, name=f"smp{node}-{len(self.c.procs)}", FTMEM_SECRET=SECRET)
+        self.c.wait_until(lambda: self.store.check([key]) and self.store.get(key) != old, 30,
+                          f"node {node}'s SMP to publish its peer endpoint")
+        self.endpoint, _ = msgpack.unpackb(self.store.get(key), raw=False)
+        assert f"peer endpoint {self.endpoint}" in self.c.output(proc), self.c.logs()
+        return proc
+
+    def live(self):
+        """(node 0's peer endpoint, its SMP process), restarting that SMP if an earlier test killed it."""
+        if self.smp0.poll() is not None:
+            print(f"(node 0's SMP had exited with {self.smp0.returncode}: starting a new one)")
+            self.smp0 = self._start(0)
+        return self.endpoint, self.smp0
+
+
+@pytest.fixture(scope="module")
+def peers(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("peers"))
+    try:
+        p = Peers(c)
+        yield p
+        del p.store
+    finally:
+        c.cleanup()
+
+
+def test_peer_socket_drops_forged_and_malformed_messages(peers):
+    """Raw frames at a real SMP's peer socket: each is rejected with a `rejected a peer message` log line saying
+    why, and the SMP goes on serving its peers (PeerLink) and its ranks (control socket). A message that is not
+    authentic gets no reply; an authentic one that breaks the schema gets an error reply saying why, so its
+    sender does not wait out a timeout."""
+    c, (endpoint, smp0) = peers.c, peers.live()
+    job, secret = c.job, SECRET.encode()
+    good = PeerCodec(secret, job, 1)
+    header = good.pack("ec_status", 1)[1]
+
+    def signed(hdr: bytes, *blobs: bytes) -> list[bytes]:
+        return [_mac(secret, [hdr, *blobs]), hdr, *blobs]
+
+    garbled = bytearray(_mac(secret, [header]))
+    garbled[5] ^= 0x40
+    big = bytes(129 << 20)  # under zmq's per-frame MAXMSGSIZE; two of them exceed MAX_PEER_BYTES
+    cases = {
+        "wrong secret": (PeerCodec(b"W" * 32, job, 1).pack("ec_status", 1), "bad or missing MAC"),
+        "truncated (MAC frame only)": ([_mac(secret, [header])], "truncated"),
+        "one empty frame": ([b""], "truncated"),
+        "garbled MAC": ([bytes(garbled), header], "bad or missing MAC"),
+        "short MAC": ([_mac(secret, [header])[:16], header], "bad or missing MAC"),
+        "MAC of another header": ([_mac(secret, [header]), good.pack("manifest", 2, step=0)[1]], "bad or missing"),
+        "blob appended after signing": ([*good.pack("ec_status", 3), b"extra"], "bad or missing MAC"),
+        "oversized (2 x 129 MiB)": (signed(header, big, big), f"larger than {MAX_PEER_BYTES}"),
+        "signed for another job": (PeerCodec(secret, "otherjob", 5).pack("ec_status", 1),
+                                   f"for job 'otherjob', not '{job}'"),
+    }
+    malformed = {  # correctly signed
+        "unknown op": (good.pack("shutdown", 4), "unknown op"),
+        "unexpected field": (good.pack("ec_status", 5, admin=True), "unexpected fields"),
+        "wrong field type": (good.pack("manifest", 6, step="0"), "field 'step' must be int"),
+        "missing field": (good.pack("parity", 7, step=0), "missing field 'slots'"),
+        "bool as id": (signed(msgpack.packb({"op": "ec_status", "id": True, "job": job, "from": 1})), "'id'"),
+        "not msgpack": (signed(b"\xc1\xc1\xc1"), "undecodable"),
+        "not a map": (signed(msgpack.packb([1, 2, 3])), "must be a map"),
+    }
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        for what, (frames, reason) in [*cases.items(), *malformed.items()]:
+            count = c.output(smp0).count("rejected a peer message")
+            sock.send_multipart(frames, copy=False)
+            c.wait_until(lambda: c.output(smp0).count("rejected a peer message") > count or smp0.poll() is not None,
+                         30, f"the SMP to reject a message: {what}")
+            assert smp0.poll() is None, f"{what} killed the SMP\n{c.logs()}"
+            line = [x for x in c.output(smp0).splitlines() if "rejected a peer message" in x][count]
+            print(f"{what}: {line.split('rejected a peer message: ')[-1][:160]}")
+            assert reason in line, f"{what}: {line}"
+            if what in malformed:
+                assert sock.poll(10_000), f"no error reply to an authentic but malformed message: {what}"
+                reply, _ = good.unpack(sock.recv_multipart())
+                assert reply["op"] == "reply" and not reply["ok"] and reason in reply["error"], (what, reply)
+            else:
+                assert sock.poll(500) == 0, f"a rejected forgery got a reply: {what}: {sock.recv_multipart()}"
+        del big, cases
+
+        # one frame beyond the socket's MAXMSGSIZE: zmq drops the connection before any ftmem code sees it
+        count = c.output(smp0).count("rejected a peer message")
+        sock.send_multipart(signed(header, bytes(MAX_PEER_BYTES + 8192)), copy=False)
+        time.sleep(1.0)
+        assert smp0.poll() is None, c.logs()
+        assert c.output(smp0).count("rejected a peer message") == count
+
+        link = PeerLink(good, endpoint)
+        try:
+            msg, blobs = link.request("ec_status", timeout=10)
+            assert msg["ok"] and msg["op"] == "reply" and blobs == [], (msg, blobs)
+        finally:
+            link.close()
+        client = ControlClient(c.control_address(0), timeout=10.0, retry_interval=2.0)
+        try:
+            assert client.call("ping")["ok"]
+        finally:
+            client.close()
+    finally:
+        sock.close(0)
+
+
+def _request(c: Cluster, endpoint: str, smp0, op: str, **fields) -> tuple[dict, list[bytes]]:
+    """A correctly signed request from node 1; fails the test at once (with the logs) if the SMP died of it."""
+    link = PeerLink(PeerCodec(SECRET.encode(), c.job, 1), endpoint)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                return link.request(op, timeout=0.5, **fields)
+            except TimeoutError:
+                if smp0.poll() is not None:
+                    pytest.fail(f"a signed {op} {fields} killed the SMP (exit {smp0.returncode})\n{c.logs()}")
+                link.close()
+        pytest.fail(f"no reply to a signed {op} {fields}\n{c.logs()}")
+    finally:
+        link.close()
+
+
+@pytest.mark.parametrize("op, fields", [("manifest", {"step": 5}), ("data", {"step": 5, "ranges": [[0, 4096]]})])
+def test_reads_of_a_step_not_held_are_refused(peers, op, fields):
+    """An SMP holding no snapshot of step 5 (here: none at all, like a replacement node still being rebuilt) must
+    refuse to serve step 5's manifest or data, not answer with an empty manifest or empty chunks: a rebuilding
+    peer that reads those takes them for real data (see test_four_nodes_two_parity_lose_two_at_once)."""
+    c, (endpoint, smp0) = peers.c, peers.live()
+    with pytest.raises(RuntimeError, match="step 5"):
+        msg, blobs = _request(c, endpoint, smp0, op, **fields)
+        print(f"{op} {fields} was answered: {[bytes(b)[:64] for b in blobs]}")
+
+
+@pytest.mark.parametrize("op, fields", [
+    ("parity", {"step": 0, "slots": ["x"]}),
+    ("payload", {"rank": 0, "step": 0, "offset": -5, "length": -5}),
+    ("payload", {"rank": -1, "step": 0, "offset": 0, "length": 1 << 40}),
+    ("data", {"step": 0, "ranges": [5]}),
+    ("data", {"step": 0, "ranges": [["a", "b"]]}),
+])
+def test_signed_requests_with_bad_values_get_an_error_not_a_crash(peers, op, fields):
+    """Signed messages that pass the schema but carry nonsense inside a list, or out-of-range numbers: like a bad
+    control request, they get an error reply and the SMP goes on serving (it must not die of a peer message).
+    (A case that kills node 0's SMP fails, and the next test starts a new one.)"""
+    c, (endpoint, smp0) = peers.c, peers.live()
+    try:
+        msg, blobs = _request(c, endpoint, smp0, op, **fields)
+        print(f"{op} {fields}: answered ok with {len(blobs)} blob(s)")
+    except RuntimeError as exc:
+        print(f"{op} {fields}: {exc}")
+    msg, _ = _request(c, endpoint, smp0, "ec_status")
+    assert msg["ok"] and smp0.poll() is None
