@@ -1,6 +1,6 @@
 """Deterministic crash points for fault drills: kill this process at an exact phase of the protocol.
 
-`FTMEM_CRASH_AT="point@step[@rank],..."` arms points; each fires at most once per `FTMEM_CRASH_MARKER` path (a
+`FTMEM_CRASH_AT="point@step[@rank],..."` arms points (step `*`: the first time the point is reached); each fires at most once per `FTMEM_CRASH_MARKER` path (a
 file created when it fires), so the restarted process runs on instead of crashing again. Unset, it costs one
 dictionary lookup.
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("mid_copy", "before_local_commit", "after_local_commit", "smp_after_local_commit", "smp_mid_encode")
+POINTS = ("mid_copy", "before_local_commit", "after_local_commit", "smp_after_local_commit", "smp_mid_encode",
+          "smp_serving_rebuild")
 
 
 def crash_point(point: str, step: int, rank: int | None = None) -> None:
@@ -19,14 +20,14 @@ def crash_point(point: str, step: int, rank: int | None = None) -> None:
         return
     for item in spec.split(","):
         fields = item.strip().split("@")
-        if fields[0] != point or int(fields[1]) != step:
+        if fields[0] != point or fields[1] not in ("*", str(step)):
             continue
         if len(fields) > 2 and rank is not None and int(fields[2]) != rank:
             continue
         marker = os.environ.get("FTMEM_CRASH_MARKER")
         if marker:
             try:
-                os.close(os.open(f"{marker}.{point}.{step}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+                os.close(os.open(f"{marker}.{point}.{fields[1]}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
             except FileExistsError:
                 return
         os.kill(os.getpid(), signal.SIGKILL)

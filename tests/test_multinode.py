@@ -64,8 +64,9 @@ class Job:
         self.procs: dict = {}
         self.killed: list = []
 
-    def start(self, i: int, name: str | None = None):
-        self.procs[i] = self.c.node(i, self.nnodes, self.port, self.extra, self.script, name=name, **self.env)
+    def start(self, i: int, name: str | None = None, **env: str):
+        self.procs[i] = self.c.node(i, self.nnodes, self.port, self.extra, self.script, name=name,
+                                    **{**self.env, **env})
         return self.procs[i]
 
     def start_all(self) -> None:
@@ -170,10 +171,12 @@ def waits_for_the_dead(cluster: Cluster, nodes) -> list[str]:
 # ---------------------------------------------------------------------------------------------- golden runs
 
 
-def test_three_nodes_lose_one_and_rebuild_it_bit_identically(cluster, golden):
-    k = random.Random(SEED).randint(8, 18)
-    print(f"FTMEM_TEST_SEED={SEED}: node 2 dies after step {k}")
-    kill_and_replace(cluster, golden, nnodes=3, victims=(2,), kill_at=k, script_args=DIM)
+def test_four_nodes_one_parity_lose_one_and_rebuild_it_bit_identically(cluster, golden):
+    rng = random.Random(SEED)
+    k, victim = rng.randint(8, 18), rng.randint(1, 3)
+    print(f"FTMEM_TEST_SEED={SEED}: node {victim} dies after step {k}")
+    kill_and_replace(cluster, golden, nnodes=4, victims=(victim,), kill_at=k, script_args=DIM)
+    assert "EC group [0, 1, 2, 3] with 1 parity" in cluster.smp_log(0)
 
 
 def test_four_nodes_two_parity_lose_two_at_once(cluster, golden):
@@ -215,6 +218,38 @@ def test_more_losses_than_parity_fail_loudly(cluster):
     assert "no snapshot is restorable on every rank" in after, cluster.logs()
     assert re.search(r"cannot rebuild node [12]'s snapshot of step \d+: group members \[[12]\] are unavailable",
                      after + smp), cluster.logs()
+
+
+def test_peer_smp_killed_while_serving_a_rebuild(cluster):
+    """Node 2 is lost whole; while its replacement rebuilds, node 1's SMP dies (crash point smp_serving_rebuild:
+    at its first parity read, which only a rebuild makes) and its ftmem-run restarts it. With f=1 the rebuild has
+    lost a second member: it must stop at once with an error naming the lost member (not wait out FTMEM_TIMEOUT on
+    the dead SMP), and the job must stop with it: never resume from step 0, never finish."""
+    k = random.Random(SEED + 3).randint(8, 18)
+    print(f"FTMEM_TEST_SEED={SEED}: node 2 dies after step {k}; node 1's SMP dies serving the rebuild")
+    job = Job(cluster, 3, ["--max-restarts", "1"], FTMEM_TIMEOUT=TIMEOUT)
+    job.start(0)
+    cluster.wait_until(lambda: "peer endpoint" in cluster.smp_log(0), 90, "node 0's SMP to publish its endpoint")
+    marker = cluster.tmp / "crash"
+    job.start(1, FTMEM_CRASH_AT="smp_serving_rebuild@*", FTMEM_CRASH_MARKER=str(marker))
+    job.start(2)
+    job.wait_for_step(k)
+    mark = len(cluster.output(job.procs[0]))
+    job.kill(2)
+    started = time.monotonic()
+    job.start(2, name="node2-replacement")
+    cluster.wait_until(lambda: "cannot be rebuilt" in cluster.smp_log(2), 60, "node 2's rebuild to fail")
+    failed_after = time.monotonic() - started
+    codes = job.finish(timeout=200)
+    after = cluster.output(job.procs[0])[mark:] + "".join(cluster.output(job.procs[i]) for i in (1, 2))
+    print(f"rebuild failed {failed_after:.1f}s after the replacement started; exit codes {codes}")
+    assert marker.with_name("crash.smp_serving_rebuild.*").exists(), f"the crash point never fired\n{cluster.logs()}"
+    assert re.search(r"cannot rebuild node 2's snapshot of step \d+: group members \[1\] are unavailable",
+                     cluster.smp_log(2)), cluster.logs()
+    assert failed_after < float(TIMEOUT), f"the rebuild waited out FTMEM_TIMEOUT on the dead SMP\n{cluster.logs()}"
+    assert all(code != 0 for code in codes.values()), f"exit codes {codes}\n{cluster.logs()}"
+    assert job.final_hashes() == [] and "resumed-at-step" not in after, cluster.logs()
+    assert "no snapshot is restorable on every rank" in after, cluster.logs()
 
 
 # ----------------------------------------------------------------------------- a node lost during an EC round

@@ -33,8 +33,12 @@ class NodeData:
     def read(self, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) clipped to the data (a chunk past the end reads short)."""
         length = max(0, min(length, self.size - offset))
+        spans = list(self._spans(offset, length))
+        if len(spans) == 1 and spans[0][2] == length:  # the common case: one copy, straight out of the segment
+            part, off, count, _ = spans[0]
+            return part.buffer.segment.buf[HEADER_SIZE + off: HEADER_SIZE + off + count]
         out = bytearray(length)
-        for part, off, count, at in self._spans(offset, length):
+        for part, off, count, at in spans:
             base = HEADER_SIZE + off
             out[at: at + count] = part.buffer.segment.buf[base: base + count]
         return bytes(out)

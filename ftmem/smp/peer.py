@@ -97,6 +97,7 @@ class PeerLink:
         self.endpoint = endpoint
         self.gone = gone
         self._ids = itertools.count(1)
+        self._early: dict[int, tuple[dict[str, Any], list[bytes]]] = {}
         self._sock: zmq.Socket | None = None
 
     def _socket(self) -> zmq.Socket:
@@ -117,9 +118,23 @@ class PeerLink:
 
     def request(self, op: str, timeout: float, **fields: Any) -> tuple[dict[str, Any], list[bytes]]:
         """Send a request and wait for its reply; TimeoutError on silence, RuntimeError on an error reply."""
+        return self.result(self.submit(op, **fields), timeout)
+
+    def submit(self, op: str, **fields: Any) -> tuple[int, str]:
+        """Send a request without waiting, so several can be in flight (to one peer or many); see `result`."""
         req_id = next(self._ids)
+        self._socket().send_multipart(self.codec.pack(op, req_id, **fields), copy=False)
+        return req_id, op
+
+    def result(self, request: tuple[int, str], timeout: float) -> tuple[dict[str, Any], list[bytes]]:
+        """Wait for the reply to a submitted request. Results are collected in submission order: replies to later
+        requests that arrive first are kept, those to earlier ones nobody collected (abandoned) are dropped."""
+        req_id, op = request
+        for stale in [i for i in self._early if i < req_id]:
+            del self._early[stale]
+        if req_id in self._early:
+            return self._checked(self._early.pop(req_id), op)
         sock = self._socket()
-        sock.send_multipart(self.codec.pack(op, req_id, **fields), copy=False)
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             if not sock.poll(int(min(left, GONE_CHECK_S) * 1000) + 1):
@@ -131,14 +146,21 @@ class PeerLink:
                 msg, blobs = self.codec.unpack(sock.recv_multipart())
             except (PeerAuthError, ProtocolError):
                 continue
-            if msg["op"] == "reply" and msg["id"] == req_id:
-                if not msg["ok"]:
-                    raise RuntimeError(f"peer {self.endpoint} refused {op!r}: {msg['error']}")
-                return msg, blobs
+            if msg["op"] != "reply":
+                continue
+            if msg["id"] == req_id:
+                return self._checked((msg, blobs), op)
+            self._early[msg["id"]] = (msg, blobs)
         self.close()  # a late reply must not be taken for the next request's
         raise TimeoutError(f"peer {self.endpoint} did not answer {op!r} within {timeout:.0f}s")
 
+    def _checked(self, reply: tuple[dict[str, Any], list[bytes]], op: str) -> tuple[dict[str, Any], list[bytes]]:
+        if not reply[0]["ok"]:
+            raise RuntimeError(f"peer {self.endpoint} refused {op!r}: {reply[0]['error']}")
+        return reply
+
     def close(self) -> None:
+        self._early.clear()
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None

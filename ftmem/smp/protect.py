@@ -52,25 +52,42 @@ def fetch_manifest(link: PeerLink, step: int, timeout: float) -> tuple[tuple[int
     return tuple((r, length, bytes(h)) for r, length, h in msgpack.unpackb(blobs[0], raw=False))
 
 
-def fetch_ranges(link: PeerLink, step: int, ranges: list[tuple[int, int]], timeout: float) -> list[bytes]:
-    """Read [offset, length) ranges of a member's data for `step`, batched under the frame limit."""
-    out: list[bytes] = []
-    batch: list[list[int]] = []
-    size = 0
+def submit_ranges(link: PeerLink, step: int, ranges: list[tuple[int, int]]) -> list[tuple[int, str]]:
+    """Ask a member for [offset, length) ranges of its data for `step`, in requests under the frame limit;
+    `collect` gathers the replies. Requests in flight let the member read and sign while this node encodes."""
+    requests, batch, size = [], [], 0
     for off, length in [*ranges, (0, -1)]:
         if batch and (length < 0 or size + length > BATCH_BYTES):
-            out.extend(link.request("data", timeout, step=step, ranges=batch)[1])
+            requests.append(link.submit("data", step=step, ranges=batch))
             batch, size = [], 0
         if length >= 0:
             batch.append([off, length])
             size += length
-    return out
+    return requests
 
 
-def encode_round(step: int, node: int, members: tuple[int, ...], f: int, link_to: Callable[[int], PeerLink],
-                 parity: ParityStore, timeout: float, aborted: Callable[[], bool]) -> GroupMeta:
-    """Compute and store this node's parity for `step`; raise if any member no longer holds the step."""
-    manifests = tuple(fetch_manifest(link_to(m), step, timeout) for m in members)
+def collect(link: PeerLink, requests: list[tuple[int, str]], timeout: float) -> list[bytes]:
+    return [block for req in requests for block in link.result(req, timeout)[1]]
+
+
+def fetch_ranges(link: PeerLink, step: int, ranges: list[tuple[int, int]], timeout: float) -> list[bytes]:
+    return collect(link, submit_ranges(link, step, ranges), timeout)
+
+
+def encode_round(step: int, node: int, members: tuple[int, ...], f: int,
+                 link_to: Callable[[int], PeerLink | None], parity: ParityStore, timeout: float,
+                 aborted: Callable[[], bool]) -> GroupMeta:
+    """Compute and store this node's parity for `step`; raise if any member no longer holds the step.
+
+    Batches of stripes are pipelined: the next batch's data is requested before this one is encoded."""
+
+    def link(m: int) -> PeerLink:
+        found = link_to(m)
+        if found is None:
+            raise RuntimeError(f"EC group member node {m} is gone")
+        return found
+
+    manifests = tuple(fetch_manifest(link(m), step, timeout) for m in members)
     n, k = len(members), len(members) - f
     sizes = [sum(length for _, length, _ in m) for m in manifests]
     meta = GroupMeta(step, n, f, choose_chunk_size(max(sizes), k), members, manifests)
@@ -78,16 +95,25 @@ def encode_round(step: int, node: int, members: tuple[int, ...], f: int, link_to
     seg = parity.work(step, layout.parity_bytes(me))
     stripes = layout.parity_stripes(me)
     per_batch = max(1, BATCH_BYTES // (layout.chunk_size * k))
-    for start in range(0, len(stripes), per_batch):
+    batches = [stripes[start: start + per_batch] for start in range(0, len(stripes), per_batch)]
+
+    def request(batch: list[int]) -> dict[int, tuple[PeerLink, list[int], list[tuple[int, str]]]]:
+        inflight = {}
+        for d in range(n):
+            items = [t for t in batch if d in layout.data_members(t)]
+            if items:
+                peer = link(members[d])
+                inflight[d] = (peer, items, submit_ranges(peer, step, [layout.data_chunk(t, d) for t in items]))
+        return inflight
+
+    inflight = request(batches[0]) if batches else {}
+    for i, batch in enumerate(batches):
+        chunks = {}
+        for d, (peer, items, requests) in inflight.items():
+            chunks.update({(t, d): block for t, block in zip(items, collect(peer, requests, timeout))})
         if aborted():
             raise RuntimeError(f"round of step {step} aborted: a local buffer was reused")
-        batch = stripes[start: start + per_batch]
-        wanted = {d: [(t, layout.data_chunk(t, d)) for t in batch if d in layout.data_members(t)] for d in range(n)}
-        chunks = {}
-        for d, items in wanted.items():
-            if items:
-                data = fetch_ranges(link_to(members[d]), step, [rng for _, rng in items], timeout)
-                chunks.update({(t, d): block for (t, _), block in zip(items, data)})
+        inflight = request(batches[i + 1]) if i + 1 < len(batches) else {}
         for t in batch:
             blocks = [pad(chunks[(t, d)], layout.chunk_size) for d in layout.data_members(t)]
             (block,) = encode_parity(k, n, blocks, [layout.parity_index(t, me)])
