@@ -39,6 +39,7 @@ from ftmem.smp.parity import ParityStore
 from ftmem.smp.peer import MAX_PEER_BYTES, Links, PeerAuthError, PeerCodec, new_incarnation
 from ftmem.smp.protect import GroupMeta, encode_round
 from ftmem.smp.protocol import ProtocolError, loose_id
+from ftmem.smp.shm import ShmFullError
 
 if TYPE_CHECKING:
     from ftmem.smp.daemon import SnapshotDaemon
@@ -379,7 +380,8 @@ class Cluster:
             raise RebuildError("rebuilt data fails its checksums: " + "; ".join(problems))
         return {"ev": "rebuilt", "meta": meta_bytes}
 
-    def _job_transfer(self, link_to, rank: int, step: int, source: int, buf: Buffer) -> dict:
+    def _job_transfer_lookup(self, link_to, rank: int, step: int, source: int) -> dict:
+        """First half of fetching a moved rank's snapshot: its header (size, checksums) from the holder."""
         link = link_to(source)
         if link is None:
             raise RuntimeError(f"node {source} holding rank {rank}'s step {step} is gone")
@@ -387,6 +389,13 @@ class Cluster:
         header_bytes = next((bytes(h) for r, _, h in msgpack.unpackb(blobs[0], raw=False) if r == rank), None)
         if header_bytes is None:
             raise RuntimeError(f"node {source} no longer holds rank {rank}'s step {step}")
+        return {"ev": "transfer_found", "rank": rank, "step": step, "source": source, "header": header_bytes}
+
+    def _job_transfer(self, link_to, rank: int, step: int, source: int, buf: Buffer, header_bytes: bytes) -> dict:
+        """Second half: the payload, into a buffer the event loop sized for it, verified against the header."""
+        link = link_to(source)
+        if link is None:
+            raise RuntimeError(f"node {source} holding rank {rank}'s step {step} is gone")
         header = Header.unpack(header_bytes)
 
         def write(off: int, data: bytes) -> None:
@@ -423,9 +432,16 @@ class Cluster:
             self.rebuilding, self.rebuild_error = False, ev["error"]
             log.error("node %d cannot be rebuilt: %s", self.node, ev["error"])
             self.d.on_commit_state_changed()
+        elif kind == "transfer_found":
+            try:
+                buf = self.d.transfer_target(ev["rank"], Header.unpack(ev["header"]))
+            except ShmFullError as exc:
+                self.d.fail_transfer(ev["rank"], ev["step"], str(exc))
+                return
+            self.jobs.put(("transfer", ev["rank"], ev["step"], ev["source"], buf, ev["header"]))
         elif kind == "transferred":
             self.d.install_transfer(ev["rank"], ev["step"], Header.unpack(ev["header"]), ev["source"])
-        elif kind == "transfer_failed":
+        elif kind in ("transfer_lookup_failed", "transfer_failed"):
             self.d.fail_transfer(ev["args"][0], ev["args"][1], ev["error"])
 
     def _report_round(self, step: int, ok: bool, detail: str) -> None:
@@ -466,11 +482,11 @@ class Cluster:
         self.broadcast_report()
         self.d.on_commit_state_changed()
 
-    def start_transfer(self, rank: int, step: int, epoch: int, buf: Buffer) -> bool:
-        """Fetch rank's (step, epoch) from a live peer into `buf`; False when no live peer holds it."""
+    def start_transfer(self, rank: int, step: int, epoch: int) -> bool:
+        """Fetch rank's (step, epoch) from a live peer; False when no live peer holds it."""
         for source in self.d.tracker.holders(rank, (step, epoch)):
             if source >= 0 and self.alive(source):
-                self.jobs.put(("transfer", rank, step, source, buf))
+                self.jobs.put(("transfer_lookup", rank, step, source))
                 return True
         return False
 

@@ -22,7 +22,7 @@ import zmq
 from ftmem.env import NodeEnv
 from ftmem.faults import crash_point
 from ftmem.log import get_logger
-from ftmem.smp.buffers import BufferStore
+from ftmem.smp.buffers import Buffer, BufferStore
 from ftmem.smp.cluster import Cluster, ClusterConfig
 from ftmem.smp.commit import LOCAL, CommitTracker, reusable
 from ftmem.smp.layout import HEADER_SIZE, MAX_CHUNKS, BufferState, Header
@@ -67,6 +67,7 @@ class SnapshotDaemon:
         self._lock_fd: int | None = None
         self._cluster_config = cluster
         self.cluster: Cluster | None = None
+        self.transfers: set[tuple[int, int]] = set()  # (rank, step) being fetched from a peer (rank moved)
         self.transfer_errors: dict[tuple[int, int], str] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
@@ -273,23 +274,17 @@ class SnapshotDaemon:
     def _fetch_moved(self, rank: int, step: int) -> None:
         """Start (or keep waiting for) fetching a moved rank's snapshot from the peer that holds it; RequestError
         when no live node holds it or the fetch failed."""
-        rb = self.store.of(rank)
         error = self.transfer_errors.pop((rank, step), None)
         if error is not None:
             raise RequestError(error)
-        if any(b.header.state == BufferState.WRITING and b.header.step == step for b in rb.buffers):
-            return  # register dropped every rank-written WRITING buffer: this one is a transfer
+        if (rank, step) in self.transfers:
+            return
         epoch_of = [e for s, e in self.tracker.complete(rank) if s == step]
         holders = [n for n in self.tracker.holders(rank, (step, epoch_of[0])) if n != LOCAL] if epoch_of else []
-        if self.cluster is not None and holders:
-            target = rb.buffers[reusable([b.complete_step for b in rb.buffers], step, None)[0]]
-            rb.invalidate(target)
-            self.store.ensure_size(rank, target, HEADER_SIZE + self._payload_hint(rank))
-            target.write_header(Header(BufferState.WRITING, rank=rank, step=step, epoch=epoch_of[0]))
-            if self.cluster.start_transfer(rank, step, epoch_of[0], target):
-                log.info("fetching rank %d's snapshot of step %d from node %s", rank, step, holders)
-                return
-            rb.invalidate(target)
+        if self.cluster is not None and holders and self.cluster.start_transfer(rank, step, epoch_of[0]):
+            self.transfers.add((rank, step))
+            log.info("fetching rank %d's snapshot of step %d from node %s", rank, step, holders)
+            return
         raise RequestError(f"rank {rank} has no snapshot of step {step} on node {self.env.node} or a live peer")
 
     def _op_corrupt(self, msg):
@@ -301,18 +296,29 @@ class SnapshotDaemon:
             self._update_complete(msg["rank"])
         return {"retry": False}
 
-    def _payload_hint(self, rank: int) -> int:
-        """Room for a fetched payload: any local buffer's size is a good guess; the transfer regrows if not."""
-        return max((b.segment.size - HEADER_SIZE for b in self.store.of(rank).buffers if b.segment), default=0)
+    def transfer_target(self, rank: int, header: Header) -> Buffer:
+        """A buffer for a moved rank's snapshot fetched from a peer: sized for it and marked WRITING."""
+        rb = self.store.of(rank)
+        target = rb.buffers[reusable([b.complete_step for b in rb.buffers], header.step, None)[0]]
+        rb.invalidate(target)
+        self.store.ensure_size(rank, target, HEADER_SIZE + header.payload_len)
+        target.write_header(Header(BufferState.WRITING, rank=rank, world=header.world, step=header.step,
+                                   epoch=header.epoch))
+        return target
 
     def install_transfer(self, rank: int, step: int, header: Header, source: int) -> None:
         rb = self.store.of(rank)
-        buf = next(b for b in rb.buffers if b.header.state == BufferState.WRITING and b.header.step == step)
+        buf = rb.writing(header.step, header.epoch)
+        if buf is None:  # the rank re-registered meanwhile, which drops WRITING buffers
+            self.fail_transfer(rank, step, "the buffer was released during the transfer")
+            return
+        self.transfers.discard((rank, step))
         buf.write_header(header, origin=f"node {source}'s memory (rank moved)")
         log.info("rank %d's snapshot of step %d is now local", rank, step)
         self.refresh_rank(rank)
 
     def fail_transfer(self, rank: int, step: int, error: str) -> None:
+        self.transfers.discard((rank, step))
         rb = self.store.of(rank)
         for buf in rb.buffers:
             if buf.header.state == BufferState.WRITING and buf.header.step == step:
