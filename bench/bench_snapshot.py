@@ -429,11 +429,11 @@ def run_ftmem(work: Workload, res: Result, job: str, rounds: int, block: int, wa
 
 def measure_bandwidth(work: Workload, snap, probe: Probe, steps: Stepper, rounds: int) -> dict:
     from ftmem.smp.layout import chunk_size_for
-    from ftmem.snapshot.capture import collect_tensors
+    from ftmem.snapshot.capture import capture_state
 
     plan = snap._plan
     total = plan.data_bytes
-    sources = [c.tensor for c in collect_tensors(work.model, work.optimizer)]
+    sources = [c.tensor.detach() for c in capture_state(0, work.model, work.optimizer, {})[0]]
     anon = torch.empty(total, dtype=torch.uint8)
     anon.fill_(1)  # touch every page
     shm_map = mmap.mmap(-1, total, flags=mmap.MAP_SHARED)  # shared anonymous = shmem pages, like /dev/shm

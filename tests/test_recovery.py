@@ -9,6 +9,7 @@ import random
 import re
 import signal
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -274,3 +275,16 @@ def test_corrupt_snapshot_is_dropped_when_the_smp_readopts(cluster, golden1):
     assert re.search(rf"rank 0 step {step}\) fails its checksums", log), log
     assert restored_steps(out) == [11]
     assert final_hash(out) == golden1
+
+
+def test_tied_weights_batchnorm_and_frozen_params_restore_bit_identically(cluster):
+    """State the GPT example lacks (tests/train_mixed.py): a crash after step 12, then a rerun from memory."""
+    script = [str(Path(__file__).parent / "train_mixed.py"), "20"]
+    golden = final_hash(wait_ok(cluster, cluster.python(script, name="mixed-golden")))
+    crashed = cluster.python(script, name="mixed-crashed", FTMEM_CRASH_AT="after_local_commit@12",
+                             FTMEM_CRASH_MARKER=str(cluster.tmp / "crash"))
+    cluster.wait(crashed, timeout=120)
+    assert crashed.returncode == -signal.SIGKILL, cluster.logs()
+    out = wait_ok(cluster, cluster.python(script, name="mixed-resumed"))
+    assert restored_steps(out) == [12], out
+    assert final_hash(out) == golden

@@ -17,6 +17,7 @@ import zlib
 
 import crc32c
 from dataclasses import dataclass, field
+from functools import cached_property
 from enum import IntEnum
 
 import msgpack
@@ -122,9 +123,10 @@ class TensorEntry:
     global_shape: tuple[int, ...]
     global_offset: tuple[int, ...]
 
-    def to_wire(self) -> list:
-        return [self.name, self.dtype, list(self.shape), self.offset, self.nbytes,
-                list(self.global_shape), list(self.global_offset)]
+    @cached_property
+    def wire(self) -> tuple:
+        """The entry as msgpack packs it; made once, since a descriptor is packed at every snapshot."""
+        return (self.name, self.dtype, self.shape, self.offset, self.nbytes, self.global_shape, self.global_offset)
 
     @classmethod
     def from_wire(cls, row: list) -> "TensorEntry":
@@ -145,7 +147,7 @@ class Descriptor:
 
     def pack(self) -> bytes:
         return msgpack.packb({"v": 1, "step": self.step, "epoch": self.epoch, "rank": self.rank,
-                              "world": self.world, "entries": [e.to_wire() for e in self.entries],
+                              "world": self.world, "entries": [e.wire for e in self.entries],
                               "meta": self.meta}, use_bin_type=True)
 
     @classmethod

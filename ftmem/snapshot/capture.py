@@ -8,8 +8,7 @@ Everything else (RNG states, the step, optimizer hyperparameters and scalar stat
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -22,10 +21,10 @@ class Stateful(Protocol):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 
-@dataclass(frozen=True)
-class Captured:
-    """One tensor to snapshot. `mutable_before_next_step` marks buffers, which a forward pass may change (BatchNorm
-    statistics, DDP's buffer broadcast), so they are cloned synchronously instead of copied in the background."""
+class Captured(NamedTuple):
+    """One tensor to snapshot (not detached: it is read only under `no_grad`). `mutable_before_next_step` marks
+    buffers, which a forward pass may change (BatchNorm statistics, DDP's buffer broadcast), so they are cloned
+    synchronously instead of copied in the background."""
 
     name: str
     tensor: torch.Tensor
@@ -39,13 +38,18 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _param_names(model: torch.nn.Module) -> dict[int, str]:
-    return {id(p): name for name, p in model.named_parameters(remove_duplicate=True)}
+def _param_names(model_state: Mapping[str, Any]) -> dict[int, str]:
+    """Name of each parameter in a `state_dict(keep_vars=True)`: its first key (a tied weight has several)."""
+    names: dict[int, str] = {}
+    for name, t in model_state.items():
+        if isinstance(t, torch.nn.Parameter):
+            names.setdefault(id(t), name)
+    return names
 
 
-def _optimizer_slots(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-    """(index, name, param) for every optimizer param, index as in `optimizer.state_dict()`."""
-    names = _param_names(model)
+def _optimizer_slots(optimizer: torch.optim.Optimizer, names: Mapping[int, str]):
+    """(index, name, param) for every optimizer param, index as in `optimizer.state_dict()`; `names` from
+    `_param_names`."""
     index = 0
     for g, group in enumerate(optimizer.param_groups):
         for i, p in enumerate(group["params"]):
@@ -53,15 +57,32 @@ def _optimizer_slots(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
             index += 1
 
 
-def collect_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[Captured]:
-    params = {id(p) for p in model.parameters()}
-    out = [Captured(f"model.{name}", t.detach(), id(t) not in params)
-           for name, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)]
-    for _, name, p in _optimizer_slots(model, optimizer):
-        for key, value in sorted(optimizer.state.get(p, {}).items()):
+def capture_state(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  extra: Mapping[str, Stateful]) -> tuple[list[Captured], bytes]:
+    """The tensors to copy and the encoded non-tensor state, in one walk over model and optimizer.
+
+    Runs on the training thread at every snapshot, so it is written for speed: the non-tensor state changes as
+    soon as training goes on and must be encoded now; the tensors are only referenced (copied in the background).
+    """
+    model_state = model.state_dict(keep_vars=True)
+    names = _param_names(model_state)
+    tensors = [Captured(f"model.{name}", t, not isinstance(t, torch.nn.Parameter))
+               for name, t in model_state.items() if isinstance(t, torch.Tensor)]
+    scalars = {}
+    for _, name, p in _optimizer_slots(optimizer, names):
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        for key in sorted(state):
+            value = state[key]
             if isinstance(value, torch.Tensor):
-                out.append(Captured(f"optim.{name}.{key}", value.detach(), False))
-    return out
+                tensors.append(Captured(f"optim.{name}.{key}", value, False))
+            else:
+                scalars[f"{name}.{key}"] = value
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    meta = serialize.pack({"step": step, "param_groups": groups, "optim_scalars": scalars, "rng": _rng_state(),
+                           "extra": {key: obj.state_dict() for key, obj in extra.items()}})
+    return tensors, meta
 
 
 def _rng_state() -> dict[str, Any]:
@@ -72,17 +93,6 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def capture_meta(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 extra: Mapping[str, Stateful]) -> bytes:
-    """Encode the non-tensor state now: it changes as soon as training goes on."""
-    scalars = {f"{name}.{key}": value
-               for _, name, p in _optimizer_slots(model, optimizer)
-               for key, value in optimizer.state.get(p, {}).items() if not isinstance(value, torch.Tensor)}
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    return serialize.pack({"step": step, "param_groups": groups, "optim_scalars": scalars, "rng": _rng_state(),
-                           "extra": {key: obj.state_dict() for key, obj in extra.items()}})
-
-
 def apply_snapshot(tensors: Mapping[str, torch.Tensor], meta_bytes: bytes, model: torch.nn.Module,
                    optimizer: torch.optim.Optimizer, extra: Mapping[str, Stateful]) -> int:
     """Load a snapshot into the live objects; returns the step it was taken after.
@@ -91,12 +101,12 @@ def apply_snapshot(tensors: Mapping[str, torch.Tensor], meta_bytes: bytes, model
     Optimizer state goes through `load_state_dict`, which materializes it even before the first step.
     """
     meta = serialize.unpack(meta_bytes)
+    model_state = model.state_dict(keep_vars=True)
     with torch.no_grad():
-        for name, t in model.state_dict(keep_vars=True).items():
+        for name, t in model_state.items():
             if isinstance(t, torch.Tensor):
-                src = _require(tensors, f"model.{name}")
-                t.copy_(src)
-    by_name = {name: (index, p) for index, name, p in _optimizer_slots(model, optimizer)}
+                t.copy_(_require(tensors, f"model.{name}"))
+    by_name = {name: (index, p) for index, name, p in _optimizer_slots(optimizer, _param_names(model_state))}
     state: dict[int, dict[str, Any]] = {}
     for key, t in tensors.items():
         if key.startswith("optim."):

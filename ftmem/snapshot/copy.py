@@ -168,6 +168,7 @@ class CopyEngine:
                           chunk_size=chunk, crcs=struct.pack(f"<{len(crcs)}I", *crcs))
         crash_point("after_local_commit", job.step, self._rank)
 
+    @torch.no_grad()
     def _copy_tensors(self, job: SnapshotJob, dsts: list[torch.Tensor]) -> None:
         srcs = [src for e, src in zip(job.plan.entries, job.sources) if e.nbytes]
         if self._stream is None:

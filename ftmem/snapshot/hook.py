@@ -11,7 +11,7 @@ import torch.distributed as dist
 from ftmem.env import NodeEnv
 from ftmem.recovery.restore import restore_rank
 from ftmem.smp.layout import Descriptor
-from ftmem.snapshot.capture import Stateful, capture_meta, collect_tensors, unwrap
+from ftmem.snapshot.capture import Stateful, capture_state, unwrap
 from ftmem.snapshot.connect import connect
 from ftmem.snapshot.copy import CopyEngine, SnapshotJob
 from ftmem.snapshot.plan import LayoutPlan
@@ -82,11 +82,10 @@ class Snapshotter:
         if self._epoch is None:
             raise RuntimeError("ftmem: call Snapshotter.restore() once before the first snapshot() "
                                "(it returns the step to start at)")
-        captured = collect_tensors(self._model, self._optimizer)
+        captured, meta = capture_state(step, self._model, self._optimizer, self._extra)
         if self._plan is None or not self._plan.matches(captured):
             self._plan = LayoutPlan(captured)
-        sources = [c.tensor.clone() if c.mutable_before_next_step else c.tensor for c in captured]
-        meta = capture_meta(step, self._model, self._optimizer, self._extra)
+        sources = [c.tensor.detach().clone() if c.mutable_before_next_step else c.tensor for c in captured]
         descriptor = Descriptor(step, self._epoch, self._rank, self._world, self._plan.entries, meta).pack()
         ready = None
         if self._cuda:

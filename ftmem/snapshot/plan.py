@@ -35,7 +35,7 @@ class LayoutPlan:
 
     @staticmethod
     def signature(tensors: Sequence[Captured]) -> tuple:
-        return tuple((c.name, c.tensor.dtype, tuple(c.tensor.shape)) for c in tensors)
+        return tuple((c.name, c.tensor.dtype, c.tensor.shape) for c in tensors)
 
     def matches(self, tensors: Sequence[Captured]) -> bool:
         return self._signature == self.signature(tensors)
