@@ -16,7 +16,7 @@ one run, and reported as ratios:
    apples-to-apples comparison on a machine where ranks and SMPs share the cores). Raw zfec is also timed
    while the job trains and with no job running. The SMPs' CPU seconds per paused round (psutil, all 3)
    against raw zfec's compare the work done, independently of contention. The SMP's round is not just zfec:
-   it fetches every chunk from its owner over the peer protocol (zmq TCP on loopback, 64 MiB requests, one
+   it fetches every chunk from its owner over the peer protocol (zmq TCP on loopback, 16 MiB requests, one
    member after the other), with HMAC-SHA256 of every frame on both ends, copies out of shared memory on the
    serving side, pads short chunks and writes parity to shared memory. A breakdown table times each of those
    steps (wall and CPU) on the same amount of data in this process, with ftmem's own NodeData / PeerCodec /
@@ -778,8 +778,8 @@ def pipeline_breakdown(share: dict, repeat: int) -> dict[str, float]:
     """Time each step an SMP's encode round applies to its input, on the same bytes, in this process (idle).
 
     Uses ftmem's own pieces where they exist: NodeData.read (the serving side's copy out of shared memory),
-    PeerCodec.pack / unpack (HMAC-SHA256 on send and receive), zmq ROUTER/DEALER over tcp loopback in 64 MiB
-    replies (send copy=False, recv_multipart as PeerLink does), ftmem.erasure.encode_parity, and the parity
+    PeerCodec.pack / unpack (HMAC-SHA256 on send and receive), zmq ROUTER/DEALER over tcp loopback in 16 MiB
+    replies (send and receive copy=False, as PeerLink does), ftmem.erasure.encode_parity, and the parity
     write into a shared mapping. The round does them one after the other (one member at a time, then encode).
     """
     import mmap
@@ -789,8 +789,10 @@ def pipeline_breakdown(share: dict, repeat: int) -> dict[str, float]:
     from ftmem.erasure import encode_parity
     from ftmem.smp.layout import HEADER_SIZE
     from ftmem.smp.nodedata import NodeData, Part
-    from ftmem.smp.peer import PeerCodec
+    from ftmem.smp.peer import PeerCodec, keep_freed_memory
     from ftmem.smp.protect import BATCH_BYTES
+
+    keep_freed_memory()  # as the SMP does
 
     k, chunk, nstripes = share["k"], share["chunk"], share["node_stripes"]
     total = nstripes * k * chunk  # this SMP's encode input
@@ -833,8 +835,8 @@ def pipeline_breakdown(share: dict, repeat: int) -> dict[str, float]:
                     dealer.send(b"req")
                     ident = router.recv_multipart()[0]
                     router.send_multipart([ident, *fr], copy=False)
-                    return dealer.recv_multipart()
-                received.append(timed("zmq tcp loopback transfer (+ receive copy)", xfer))
+                    return [f.buffer for f in dealer.recv_multipart(copy=False)]
+                received.append(timed("zmq tcp loopback transfer", xfer))
             blocks = []
             for fr in received:
                 blocks.extend(timed("receive: HMAC verify (PeerCodec.unpack)", lambda f=fr: codec.unpack(f)[1]))

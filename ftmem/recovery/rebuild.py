@@ -15,7 +15,7 @@ from ftmem.smp.layout import Header
 from ftmem.smp.nodedata import NodeData
 from ftmem.smp.parity import ParityStore
 from ftmem.smp.peer import PeerLink
-from ftmem.smp.protect import BATCH_BYTES, GroupMeta, fetch_ranges
+from ftmem.smp.protect import BATCH_BYTES, GroupMeta, collect, submit_ranges
 
 log = get_logger("smp")
 
@@ -50,22 +50,24 @@ def rebuild_node(meta: GroupMeta, node: int, data: NodeData, parity: ParityStore
     seg = parity.work(meta.step, layout.parity_bytes(me))
     alive = {i: link_to(m) for i, m in enumerate(meta.members) if m != node and link_to(m) is not None}
     mine = sorted(set(layout.data_stripes(me)) | set(layout.parity_stripes(me)))
-    per_batch = max(1, BATCH_BYTES // (layout.chunk_size * layout.n))
+    per_batch = max(1, BATCH_BYTES // layout.chunk_size)  # each member sends at most one chunk per stripe
     for start in range(0, len(mine), per_batch):
         batch = mine[start: start + per_batch]
         blocks: dict[int, dict[int, bytes]] = {t: {} for t in batch}
-        for i, link in list(alive.items()):
+        inflight = {}  # every member's requests go out before any reply is awaited, so they serve in parallel
+        for i, link in alive.items():
             data_items = [(t, layout.data_chunk(t, i)) for t in batch if i in layout.data_members(t)]
             par_items = [t for t in batch if i in layout.parity_members(t)]
+            inflight[i] = (data_items, submit_ranges(link, meta.step, [rng for _, rng in data_items]),
+                           par_items, link.submit("parity", step=meta.step,
+                                                  slots=[layout.parity_slot(t, i) for t in par_items])
+                           if par_items else None)
+        for i, (data_items, data_reqs, par_items, par_req) in inflight.items():
             try:
-                if data_items:
-                    got = fetch_ranges(link, meta.step, [rng for _, rng in data_items], timeout)
-                    for (t, _), b in zip(data_items, got):
-                        blocks[t][i] = b
-                if par_items:
-                    _, got = link.request("parity", timeout, step=meta.step,
-                                          slots=[layout.parity_slot(t, i) for t in par_items])
-                    for t, b in zip(par_items, got):
+                for (t, _), b in zip(data_items, collect(alive[i], data_reqs, timeout)):
+                    blocks[t][i] = b
+                if par_req is not None:
+                    for t, b in zip(par_items, alive[i].result(par_req, timeout)[1]):
                         blocks[t][i] = b
             except (TimeoutError, RuntimeError) as exc:
                 del alive[i]  # lost during the rebuild, or no longer holding the step: the others may suffice

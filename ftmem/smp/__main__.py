@@ -10,6 +10,7 @@ from ftmem.env import NodeEnv, default_job_id
 from ftmem.erasure import ErasureConfigError
 from ftmem.smp.cluster import ClusterConfig, default_peer_host
 from ftmem.smp.daemon import SnapshotDaemon
+from ftmem.smp.peer import keep_freed_memory
 
 
 def _secret() -> bytes | None:
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             cluster.validate()
         except ErasureConfigError as exc:
             p.error(str(exc))
+        keep_freed_memory()
     daemon = SnapshotDaemon(NodeEnv(args.job_id, args.node), buffers=args.buffers, timeout=args.timeout,
                             exit_when_done=args.exit_when_done, parent_pid=args.parent_pid, cluster=cluster)
     if not daemon.acquire_lock():

@@ -17,7 +17,7 @@ from ftmem.erasure import StripeLayout, choose_chunk_size, encode_parity, pad
 from ftmem.smp.parity import ParityStore
 from ftmem.smp.peer import PeerLink
 
-BATCH_BYTES = 64 << 20
+BATCH_BYTES = 16 << 20  # per request: bounds the serving event loop's pause and the memory in flight
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,6 @@ def collect(link: PeerLink, requests: list[tuple[int, str]], timeout: float) -> 
     return [block for req in requests for block in link.result(req, timeout)[1]]
 
 
-def fetch_ranges(link: PeerLink, step: int, ranges: list[tuple[int, int]], timeout: float) -> list[bytes]:
-    return collect(link, submit_ranges(link, step, ranges), timeout)
-
-
 def encode_round(step: int, node: int, members: tuple[int, ...], f: int,
                  link_to: Callable[[int], PeerLink | None], parity: ParityStore, timeout: float,
                  aborted: Callable[[], bool]) -> GroupMeta:
@@ -94,7 +90,7 @@ def encode_round(step: int, node: int, members: tuple[int, ...], f: int,
     layout, me = meta.layout, members.index(node)
     seg = parity.work(step, layout.parity_bytes(me))
     stripes = layout.parity_stripes(me)
-    per_batch = max(1, BATCH_BYTES // (layout.chunk_size * k))
+    per_batch = max(1, BATCH_BYTES // layout.chunk_size)  # each member sends at most one chunk per stripe
     batches = [stripes[start: start + per_batch] for start in range(0, len(stripes), per_batch)]
 
     def request(batch: list[int]) -> dict[int, tuple[PeerLink, list[int], list[tuple[int, str]]]]:
