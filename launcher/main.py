@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nodes per erasure-coding group; must divide --nnodes (default: all nodes up to 8)")
     g.add_argument("--ftmem-ec-parity", type=int, default=int(_env_default("EC_PARITY", "1")),
                    help="node losses each group survives (default 1)")
+    g.add_argument("--ftmem-ec-nice", type=int, default=int(_env_default("EC_NICE", "10")),
+                   help="CPU priority (nice 0-19) of the SMP of a multi-node job: erasure coding yields the "
+                        "cores to training and, when it cannot keep up, protects a newer step instead (default "
+                        "10; 0 when the SMP has cores of its own)")
     g.add_argument("--ftmem-peer-host", default=_env_default("PEER_HOST", None),
                    help="address the SMP binds for its peers (default: the interface routing to the "
                         "rendezvous endpoint; 127.0.0.1 for a local endpoint)")
@@ -83,10 +87,12 @@ def _cluster_args(args: argparse.Namespace) -> list[str]:
         check_config(max_nodes, ec_group, args.ftmem_ec_parity)
     except ErasureConfigError as exc:
         raise SystemExit(f"ftmem-run: {exc}") from exc
+    if not 0 <= args.ftmem_ec_nice <= 19:
+        raise SystemExit(f"ftmem-run: --ftmem-ec-nice must be in 0..19, got {args.ftmem_ec_nice}")
     if args.ftmem_secret_file:
         os.environ["FTMEM_SECRET_FILE"] = os.path.abspath(args.ftmem_secret_file)
     out = ["--buffers", str(buffers or 4), "--nnodes", str(max_nodes), "--store", args.rdzv_endpoint,
-           "--ec-group", str(ec_group), "--ec-parity", str(args.ftmem_ec_parity)]
+           "--ec-group", str(ec_group), "--ec-parity", str(args.ftmem_ec_parity), "--nice", str(args.ftmem_ec_nice)]
     return out + (["--peer-host", args.ftmem_peer_host] if args.ftmem_peer_host else [])
 
 

@@ -20,6 +20,7 @@ import time
 from datetime import timedelta
 
 import msgpack
+import psutil
 import pytest
 import zmq
 
@@ -138,6 +139,7 @@ def kill_and_replace(cluster: Cluster, golden, *, nnodes: int, victims: tuple[in
     job = Job(cluster, nnodes, ["--max-restarts", "3", *extra_args], script_args, FTMEM_TIMEOUT=TIMEOUT)
     job.start_all()
     job.wait_for_step(kill_at)
+    assert psutil.Process(cluster.smp_info(0)["pid"]).nice() == 10, "the SMP should yield the cores to training"
     job.kill(*victims)
     for i in victims:
         job.start(i, name=f"node{i}-replacement")

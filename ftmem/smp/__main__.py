@@ -22,6 +22,20 @@ def _secret() -> bytes | None:
     return value.encode() if value else None
 
 
+def lower_priority(nice: int) -> None:
+    """Nice this process (before it starts threads, which inherit it) and, on Linux, its session's autogroup:
+    the SMP runs in its own session, and with autogrouping the kernel shares CPU between sessions first, so a
+    plain nice would only rank the SMP's threads among themselves."""
+    if nice <= 0:
+        return
+    os.nice(nice)
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(nice))
+    except OSError:
+        pass  # no autogrouping (or not allowed): the plain nice is all there is
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ftmem.smp", description=__doc__)
     p.add_argument("--job-id", default=default_job_id())
@@ -35,10 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", help="host:port of the job's rendezvous store (needed with --nnodes > 1)")
     p.add_argument("--ec-group", type=int, help="nodes per erasure-coding group (default: see ftmem-run)")
     p.add_argument("--ec-parity", type=int, default=1, help="parity blocks per stripe: node losses tolerated")
+    p.add_argument("--nice", type=int, default=0, help="lower this SMP's CPU priority by this much (0-19)")
     p.add_argument("--peer-host", help="address to bind the peer socket to (default: the one routing to --store)")
     args = p.parse_args(argv)
     if args.buffers < 2:
         p.error("--buffers must be at least 2")
+    if not 0 <= args.nice <= 19:
+        p.error("--nice must be in 0..19")
     cluster = None
     if args.nnodes > 1:
         if not args.store:
@@ -52,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         except ErasureConfigError as exc:
             p.error(str(exc))
         keep_freed_memory()
+    lower_priority(args.nice)
     daemon = SnapshotDaemon(NodeEnv(args.job_id, args.node), buffers=args.buffers, timeout=args.timeout,
                             exit_when_done=args.exit_when_done, parent_pid=args.parent_pid, cluster=cluster)
     if not daemon.acquire_lock():
