@@ -536,7 +536,8 @@ def run_ec_job(sess: Session, args: argparse.Namespace, plan: SimpleNamespace) -
 
     job, port = sess.job_id("ec"), free_port()
     common = ["--nnodes", "3", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-              f"127.0.0.1:{port}", "--rdzv-id", job, "--max-restarts", "3"]
+              f"127.0.0.1:{port}", "--rdzv-id", job, "--max-restarts", "3",
+              *(["--rdzv-conf", args.rdzv_conf] if args.rdzv_conf else [])]
     train = train_args(args, plan.ec_steps)
 
     def node(i: int, name: str) -> Proc:
@@ -789,7 +790,8 @@ def pipeline_breakdown(share: dict, repeat: int) -> dict[str, float]:
     from ftmem.erasure import encode_parity
     from ftmem.smp.layout import HEADER_SIZE
     from ftmem.smp.nodedata import NodeData, Part
-    from ftmem.smp.peer import PeerCodec, keep_freed_memory
+    from ftmem.smp.peer import PeerCodec
+    from ftmem.smp.process import keep_freed_memory
     from ftmem.smp.protect import BATCH_BYTES
 
     keep_freed_memory()  # as the SMP does
@@ -990,6 +992,10 @@ def main() -> int:
     p.add_argument("--check-hash", action="store_true",
                    help="run the EC job to its end and compare its final hash with the plain job's (longer)")
     p.add_argument("--timeout", type=float, default=240.0, help="bound on every wait (seconds)")
+    p.add_argument("--rdzv-conf", default=None,
+                   help="torchrun --rdzv-conf of the EC job, e.g. keep_alive_interval=1,keep_alive_max_attempt=3: "
+                        "the survivors' re-rendezvous waits for the dead node's keep-alive to expire (torchrun's "
+                        "default 5 s x 3), which a replacement that starts at once runs into")
     p.add_argument("--json", default=None, metavar="PATH", help="write every raw sample here")
     p.add_argument("--keep", action="store_true", help="keep the logs (work dir) after a successful run")
     p.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)

@@ -10,7 +10,7 @@ from ftmem.env import NodeEnv, default_job_id
 from ftmem.erasure import ErasureConfigError
 from ftmem.smp.cluster import ClusterConfig, default_peer_host
 from ftmem.smp.daemon import SnapshotDaemon
-from ftmem.smp.peer import keep_freed_memory
+from ftmem.smp.process import keep_freed_memory
 
 
 def _secret() -> bytes | None:
@@ -20,20 +20,6 @@ def _secret() -> bytes | None:
             return f.read().strip()
     value = os.environ.get("FTMEM_SECRET")
     return value.encode() if value else None
-
-
-def lower_priority(nice: int) -> None:
-    """Nice this process (before it starts threads, which inherit it) and, on Linux, its session's autogroup:
-    the SMP runs in its own session, and with autogrouping the kernel shares CPU between sessions first, so a
-    plain nice would only rank the SMP's threads among themselves."""
-    if nice <= 0:
-        return
-    os.nice(nice)
-    try:
-        with open("/proc/self/autogroup", "w") as f:
-            f.write(str(nice))
-    except OSError:
-        pass  # no autogrouping (or not allowed): the plain nice is all there is
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", help="host:port of the job's rendezvous store (needed with --nnodes > 1)")
     p.add_argument("--ec-group", type=int, help="nodes per erasure-coding group (default: see ftmem-run)")
     p.add_argument("--ec-parity", type=int, default=1, help="parity blocks per stripe: node losses tolerated")
-    p.add_argument("--nice", type=int, default=0, help="lower this SMP's CPU priority by this much (0-19)")
+    p.add_argument("--nice", type=int, default=0,
+                   help="multi-node: CPU priority (nice 0-19) once the node is recovered, so EC yields to training")
     p.add_argument("--peer-host", help="address to bind the peer socket to (default: the one routing to --store)")
     args = p.parse_args(argv)
     if args.buffers < 2:
@@ -64,12 +51,11 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             cluster = ClusterConfig(args.nnodes, args.ec_group or default_group_size(args.nnodes), args.ec_parity,
-                                    args.store, args.peer_host or default_peer_host(args.store), _secret())
+                                    args.store, args.peer_host or default_peer_host(args.store), _secret(), args.nice)
             cluster.validate()
         except ErasureConfigError as exc:
             p.error(str(exc))
         keep_freed_memory()
-    lower_priority(args.nice)
     daemon = SnapshotDaemon(NodeEnv(args.job_id, args.node), buffers=args.buffers, timeout=args.timeout,
                             exit_when_done=args.exit_when_done, parent_pid=args.parent_pid, cluster=cluster)
     if not daemon.acquire_lock():

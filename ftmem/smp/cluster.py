@@ -37,6 +37,7 @@ from ftmem.smp.layout import HEADER_SIZE, BufferState, Header
 from ftmem.smp.nodedata import NodeData, Part
 from ftmem.smp.parity import ParityStore
 from ftmem.smp.peer import MAX_PEER_BYTES, Links, PeerAuthError, PeerCodec, new_incarnation
+from ftmem.smp.process import lower_priority
 from ftmem.smp.protect import GroupMeta, encode_round
 from ftmem.smp.protocol import ProtocolError, loose_id
 from ftmem.smp.shm import ShmFullError
@@ -57,6 +58,7 @@ class ClusterConfig:
     store: str           # host:port of the job's rendezvous store
     peer_host: str       # interface to bind the peer socket to
     secret: bytes | None
+    nice: int = 0        # CPU priority once recovered (see process.lower_priority)
 
     def validate(self) -> None:
         check_config(self.nnodes, self.ec_group, self.ec_parity)
@@ -130,6 +132,7 @@ class Cluster:
                                       "last_round_bytes": 0, "rebuild_s": None, "lag_steps": 0}
         self._next_heartbeat = 0.0
         self._rebuild_started = 0.0
+        self._yielded = False  # priority lowered (after the rebuild check)
         threading.Thread(target=self._connect, name="ftmem-connect", daemon=True).start()
         threading.Thread(target=self._work, name="ftmem-ec", daemon=True).start()
 
@@ -183,6 +186,11 @@ class Cluster:
     def tick(self) -> None:
         if not self.ready:
             return
+        if not self.rebuilding and not self._yielded:
+            lower_priority(self.cfg.nice)
+            self._yielded = True
+            if self.cfg.nice:
+                log.info("node recovered; the SMP now runs at nice %d (training gets the cores first)", self.cfg.nice)
         now = time.monotonic()
         self._refresh_peers()
         if now >= self._next_heartbeat:

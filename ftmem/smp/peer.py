@@ -8,7 +8,6 @@ with a log line, before any field of it is used. No pickle.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import hmac
 import itertools
@@ -165,21 +164,6 @@ class PeerLink:
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
-
-
-def keep_freed_memory() -> None:
-    """Have glibc keep and reuse freed multi-MB blocks instead of unmapping them (no-op elsewhere).
-
-    Every erasure-coding round allocates and frees chunk-sized frames (peer replies, copies served out of shared
-    memory, parity); with glibc's defaults each is a fresh mmap whose pages fault in one by one, which costs more
-    CPU than copying the bytes (about half of the peer path's CPU here). Chunks are at most a few MiB, under the
-    32 MiB threshold set here, so they come from the heap; what is freed stays mapped up to 256 MiB."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    for param, value in ((-3, 32 << 20), (-1, 256 << 20), (-2, 16 << 20)):  # M_MMAP_THRESHOLD, M_TRIM_, M_TOP_PAD
-        mallopt(ctypes.c_int(param), ctypes.c_int(value))
 
 
 def new_incarnation() -> str:
