@@ -256,6 +256,53 @@ def test_peer_smp_killed_while_serving_a_rebuild(cluster):
     assert "no snapshot is restorable on every rank" in after, cluster.logs()
 
 
+def test_smp_restarted_while_training_stalls_is_protected_again(cluster, golden):
+    """A restarted SMP re-adopts its snapshots but not its parity. Its group leader protects the newest committed
+    step again at once, even while training is stalled and commits nothing new, so a node lost next is still
+    rebuilt (node 2's data shares stripes with node 1's parity) and the job ends bit-identically."""
+    k = random.Random(SEED + 4).randint(6, 14)
+    print(f"FTMEM_TEST_SEED={SEED}: training stalls after step {k}; node 1's SMP dies, then node 2 whole")
+    expected = golden(3, *DIM)
+    job = Job(cluster, 3, ["--max-restarts", "3"], DIM, FTMEM_TIMEOUT=TIMEOUT)
+    job.start_all()
+    job.wait_for_step(k)
+    workers = {i: list(cluster.workers(job.procs[i]).values()) for i in range(3)}
+    assert all(len(w) == 1 for w in workers.values()), f"workers {workers}\n{cluster.logs()}"
+    for w in workers.values():
+        w[0].suspend()
+
+    def statuses() -> list[dict]:
+        out = []
+        for i in range(3):
+            try:
+                out.append(cluster.client(i, timeout=5.0, retry_interval=5.0).call("status"))
+            except (SmpError, SmpUnavailable, TimeoutError):
+                return []
+        return out
+
+    def all_protected(pid_of_1: int | None = None) -> bool:
+        st = statuses()
+        return (len(st) == 3 and st[0]["committed"] is not None and (pid_of_1 is None or st[1]["pid"] != pid_of_1)
+                and all(s["committed"] == st[0]["committed"] == s["protected"] for s in st))
+
+    cluster.wait_until(all_protected, 60, "the committed step to be protected on every node", interval=0.5)
+    step = statuses()[0]["committed"]
+    old_smp = cluster.smp_info(1)["pid"]
+    psutil.Process(old_smp).kill()
+    cluster.wait_until(lambda: all_protected(old_smp), 60, "node 1's restarted SMP to be protected again",
+                       interval=0.5)
+    assert "re-adopted" in cluster.smp_log(1), cluster.logs()
+    assert statuses()[0]["committed"] == step, "training was stalled: nothing new may commit"
+    job.kill(2)
+    for i in (0, 1):
+        workers[i][0].resume()
+    job.start(2, name="node2-replacement")
+    codes = job.finish()
+    assert codes == {i: 0 for i in range(3)}, f"exit codes {codes}\n{cluster.logs()}"
+    assert job.final_hashes() == [expected], cluster.logs()
+    assert f"rebuilt node 2's snapshot of step {step}" in cluster.smp_log(2), cluster.logs()
+
+
 # ----------------------------------------------------------------------------- a node lost during an EC round
 
 def test_node_killed_while_its_parity_is_being_computed(cluster, golden):

@@ -204,6 +204,8 @@ class Cluster:
             if peer is None or peer.incarnation != incarnation:
                 if peer is not None:
                     log.info("node %d restarted (new incarnation); reconnecting", node)
+                    if node in self.members:  # its parity is gone: protect the newest step again, even if led
+                        self.last_led = -1
                 self.peers[node] = _Peer(endpoint, incarnation)
                 self.d.tracker.set_source(node, {})
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import threading
 
-from ftmem.smp.shm import Segment
+from ftmem.smp.shm import Segment, list_segments, unlink
 
 
 class ParityStore:
     """Two shared-memory slots, allocated once and grown only when a round needs more."""
 
     def __init__(self, prefix: str) -> None:
+        # parity left by a previous incarnation of this SMP is not re-adopted (what it was computed over died
+        # with that process; the group leader re-protects the newest step instead): free its names and memory
+        for stale in list_segments(f"{prefix}parity"):
+            unlink(stale)
         self._prefix = prefix
         self._slots: list[Segment | None] = [None, None]
         self._steps: list[int | None] = [None, None]
