@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="node losses each group survives (default 1)")
     g.add_argument("--ftmem-ec-nice", type=int, default=int(_env_default("EC_NICE", "10")),
                    help="CPU priority (nice 0-19) of the SMP of a multi-node job: erasure coding yields the "
-                        "cores to training and, when it cannot keep up, protects a newer step instead (default "
-                        "10; 0 when the SMP has cores of its own)")
+                        "cores to training and, when it cannot keep up, protects a newer step instead; full "
+                        "priority while a node of its EC group is rebuilt (default 10; 0 when the SMP has cores "
+                        "of its own)")
     g.add_argument("--ftmem-peer-host", default=_env_default("PEER_HOST", None),
                    help="address the SMP binds for its peers (default: the interface routing to the "
                         "rendezvous endpoint; 127.0.0.1 for a local endpoint)")

@@ -139,7 +139,7 @@ def kill_and_replace(cluster: Cluster, golden, *, nnodes: int, victims: tuple[in
     job = Job(cluster, nnodes, ["--max-restarts", "3", *extra_args], script_args, FTMEM_TIMEOUT=TIMEOUT)
     job.start_all()
     job.wait_for_step(kill_at)
-    assert psutil.Process(cluster.smp_info(0)["pid"]).nice() == 10, "the SMP should yield the cores to training"
+    assert smp_nice(cluster.smp_info(0)["pid"]) == 10, "the SMP should yield the cores to training"
     job.kill(*victims)
     for i in victims:
         job.start(i, name=f"node{i}-replacement")
@@ -150,6 +150,9 @@ def kill_and_replace(cluster: Cluster, golden, *, nnodes: int, victims: tuple[in
     assert hashes == [expected], f"final hashes {hashes}, baseline {expected}\n{cluster.logs()}"
     for i in victims:
         assert f"rebuilt node {i}'s snapshot" in cluster.smp_log(i), cluster.logs()
+    if AUTOGROUP:  # the survivors served the rebuild at full priority, then yielded again
+        assert re.search(r"nice 0 \(a node of the EC group is being rebuilt\).*\n.*nice 10 \(training",
+                         cluster.smp_log(0), re.S), cluster.smp_log(0)
     assert "resumed-at-step" in out, cluster.logs()
     rest = restored(out)
     print(f"restores: {rest}")
@@ -163,6 +166,25 @@ def kill_and_replace(cluster: Cluster, golden, *, nnodes: int, victims: tuple[in
     assert not waited, (f"a survivor waited FTMEM_TIMEOUT for a dead node instead of abandoning the interrupted EC "
                         f"round (see test_node_killed_while_its_parity_is_being_computed): {waited}\n{cluster.logs()}")
     return job
+
+
+def _autogroup() -> bool:
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+AUTOGROUP = _autogroup()
+
+
+def smp_nice(pid: int) -> int:
+    """An SMP's effective nice: its session's autogroup's where autogrouping is on, else its main thread's."""
+    if AUTOGROUP:
+        with open(f"/proc/{pid}/autogroup") as f:
+            return int(f.read().split()[-1])  # "/autogroup-123 nice 10"
+    return psutil.Process(pid).nice()
 
 
 def waits_for_the_dead(cluster: Cluster, nodes) -> list[str]:
@@ -271,12 +293,17 @@ def test_smp_restarted_while_training_stalls_is_protected_again(cluster, golden)
     for w in workers.values():
         w[0].suspend()
 
+    clients: dict[int, ControlClient] = {}
+
     def statuses() -> list[dict]:
         out = []
         for i in range(3):
             try:
-                out.append(cluster.client(i, timeout=5.0, retry_interval=5.0).call("status"))
+                if i not in clients:
+                    clients[i] = cluster.client(i, timeout=5.0, retry_interval=5.0)
+                out.append(clients[i].call("status"))
             except (SmpError, SmpUnavailable, TimeoutError):
+                clients.pop(i, None)  # a fresh client for the restarted SMP (cluster closes them all at the end)
                 return []
         return out
 

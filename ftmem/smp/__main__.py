@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ec-group", type=int, help="nodes per erasure-coding group (default: see ftmem-run)")
     p.add_argument("--ec-parity", type=int, default=1, help="parity blocks per stripe: node losses tolerated")
     p.add_argument("--nice", type=int, default=0,
-                   help="multi-node: CPU priority (nice 0-19) once the node is recovered, so EC yields to training")
+                   help="multi-node: CPU priority (nice 0-19) while no node of the EC group is rebuilt")
     p.add_argument("--peer-host", help="address to bind the peer socket to (default: the one routing to --store)")
     args = p.parse_args(argv)
     if args.buffers < 2:

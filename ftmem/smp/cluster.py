@@ -37,7 +37,7 @@ from ftmem.smp.layout import HEADER_SIZE, BufferState, Header
 from ftmem.smp.nodedata import NodeData, Part
 from ftmem.smp.parity import ParityStore
 from ftmem.smp.peer import MAX_PEER_BYTES, Links, PeerAuthError, PeerCodec, new_incarnation
-from ftmem.smp.process import lower_priority
+from ftmem.smp.process import Priority
 from ftmem.smp.protect import GroupMeta, encode_round
 from ftmem.smp.protocol import ProtocolError, loose_id
 from ftmem.smp.shm import ShmFullError
@@ -58,7 +58,7 @@ class ClusterConfig:
     store: str           # host:port of the job's rendezvous store
     peer_host: str       # interface to bind the peer socket to
     secret: bytes | None
-    nice: int = 0        # CPU priority once recovered (see process.lower_priority)
+    nice: int = 0        # CPU priority while no node of the group is being rebuilt (see process.Priority)
 
     def validate(self) -> None:
         check_config(self.nnodes, self.ec_group, self.ec_parity)
@@ -79,6 +79,7 @@ class _Peer:
     last_seen: float = 0.0
     committed: int = -1
     protected: int = -1
+    rebuilding: bool = False
 
 
 @dataclass
@@ -132,7 +133,7 @@ class Cluster:
                                       "last_round_bytes": 0, "rebuild_s": None, "lag_steps": 0}
         self._next_heartbeat = 0.0
         self._rebuild_started = 0.0
-        self._yielded = False  # priority lowered (after the rebuild check)
+        self.priority = Priority()
         threading.Thread(target=self._connect, name="ftmem-connect", daemon=True).start()
         threading.Thread(target=self._work, name="ftmem-ec", daemon=True).start()
 
@@ -186,17 +187,22 @@ class Cluster:
     def tick(self) -> None:
         if not self.ready:
             return
-        if not self.rebuilding and not self._yielded:
-            lower_priority(self.cfg.nice)
-            self._yielded = True
-            if self.cfg.nice:
-                log.info("node recovered; the SMP now runs at nice %d (training gets the cores first)", self.cfg.nice)
+        self._set_priority()
         now = time.monotonic()
         self._refresh_peers()
         if now >= self._next_heartbeat:
             self.broadcast_report()
             self._next_heartbeat = now + HEARTBEAT_S
         self._lead(now)
+
+    def _set_priority(self) -> None:
+        """Full priority while this node or a live member of its group is rebuilt, else the configured nice."""
+        recovering = self.rebuilding or any(p.rebuilding for n, p in self.peers.items()
+                                            if n in self.members and self.alive(n))
+        nice = 0 if recovering else self.cfg.nice
+        if nice != self.priority.nice and self.priority.set(nice):
+            log.info("SMP CPU priority: nice %d (%s)", nice,
+                     "a node of the EC group is being rebuilt" if recovering else "training gets the cores first")
 
     def _refresh_peers(self) -> None:
         for node, (endpoint, incarnation) in self.directory.snapshot().items():
@@ -233,7 +239,8 @@ class Cluster:
         complete = [[rank, s, e] for rank, rb in self.d.store.ranks.items() for s, e in rb.complete()]
         fields = dict(incarnation=self.incarnation, epoch=self.d.tracker.epoch,
                       committed=-1 if self.d.tracker.committed is None else self.d.tracker.committed,
-                      protected=-1 if self.protected is None else self.protected, complete=complete)
+                      protected=-1 if self.protected is None else self.protected, rebuilding=self.rebuilding,
+                      complete=complete)
         for node in self.peers:
             self._send(node, "report", **fields)
 
@@ -242,6 +249,7 @@ class Cluster:
         if peer is None or peer.incarnation != msg["incarnation"]:
             return
         peer.last_seen, peer.committed, peer.protected = time.monotonic(), msg["committed"], msg["protected"]
+        peer.rebuilding = msg["rebuilding"]
         by_rank: dict[int, set[tuple[int, int]]] = {}
         for rank, step, epoch in msg["complete"]:
             by_rank.setdefault(rank, set()).add((step, epoch))

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import dataclass, field
+from enum import IntEnum
+from functools import cached_property
 
 import crc32c
-from dataclasses import dataclass, field
-from functools import cached_property
-from enum import IntEnum
-
 import msgpack
 
 HEADER_SIZE = 4096

@@ -27,7 +27,8 @@ _N = int  # readability of the schema below
 
 PEER_SCHEMA: dict[str, dict[str, type]] = {
     # node state, sent on every change and as a heartbeat: [[rank, step, epoch], ...]
-    "report": {"incarnation": str, "epoch": int, "committed": int, "protected": int, "complete": list},
+    "report": {"incarnation": str, "epoch": int, "committed": int, "protected": int, "rebuilding": bool,
+               "complete": list},
     # erasure-coding rounds, driven by the group leader
     "ec_start": {"step": _N},
     "ec_done": {"step": _N, "ok": bool, "detail": str},

@@ -21,26 +21,48 @@ def keep_freed_memory() -> None:
         mallopt(ctypes.c_int(param), ctypes.c_int(value))
 
 
-def lower_priority(nice: int) -> None:
-    """Give training the cores first: nice every thread of this process and, on Linux, its session's autogroup.
+class Priority:
+    """The SMP's CPU priority next to training: niced while EC runs in the background, full while its EC group
+    recovers a node (a rebuild, and the peers serving it, are on every rank's critical path).
 
-    Called once the node is recovered (a rebuild is on every rank's critical path and runs at full priority).
-    Linux nices threads, not processes, hence the loop; and the SMP runs in a session of its own, so with
-    autogrouping the kernel shares CPU between sessions first and a thread's nice only ranks it within the SMP.
+    The SMP runs in a session of its own, and with Linux's autogrouping (on by default) the kernel shares CPU
+    between sessions first: the session's autogroup nice is what counts, and an unprivileged process may move it
+    both ways within 0..19. Without autogrouping, each thread is niced instead, which cannot be undone without
+    CAP_SYS_NICE: the SMP then stays niced during recoveries too.
     """
-    if nice <= 0:
-        return
-    try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:
-        tids = [0]
-    for tid in tids:
+
+    def __init__(self) -> None:
+        self.nice = 0
         try:
-            os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+            with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+                self._autogroup = f.read().strip() == "1" and os.path.exists("/proc/self/autogroup")
         except OSError:
-            pass  # a thread that just ended
+            self._autogroup = False
+
+    def set(self, nice: int) -> bool:
+        """Move to `nice`; False when that cannot be done now (retry later) or at all."""
+        if nice == self.nice:
+            return True
+        if self._autogroup:
+            try:
+                with open("/proc/self/autogroup", "w") as f:
+                    f.write(str(nice))
+            except OSError:
+                return False  # EAGAIN: the kernel allows one change per 100 ms
+        elif nice > self.nice:
+            for tid in _threads():
+                try:
+                    os.setpriority(os.PRIO_PROCESS, tid, nice)
+                except OSError:
+                    pass  # a thread that just ended
+        else:
+            return False
+        self.nice = nice
+        return True
+
+
+def _threads() -> list[int]:
     try:
-        with open("/proc/self/autogroup", "w") as f:
-            f.write(str(nice))
+        return [int(t) for t in os.listdir("/proc/self/task")]
     except OSError:
-        pass  # no autogrouping (or not allowed): the threads' nice is all there is
+        return [0]
