@@ -551,3 +551,46 @@ def test_shm_dir_is_configurable(tmp_path, monkeypatch):
         seg.close()
         seg.unlink()
     assert shm.list_segments("ftmem.x.") == []
+
+
+# ------------------------------------------------------------------------------------------------ SMP priority
+
+_PRIORITY_CHILD = """
+import json, os
+from ftmem.smp.process import Priority
+
+def effective():
+    if p._autogroup:
+        with open("/proc/self/autogroup") as f:
+            return int(f.read().split()[-1])
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+p = Priority()
+down = p.set(10)
+after_down = effective()
+up = False
+for _ in range(50):  # the kernel allows one autogroup change per 100 ms
+    up = p.set(0)
+    if up:
+        break
+    import time; time.sleep(0.05)
+print(json.dumps({"autogroup": p._autogroup, "down": down, "after_down": after_down, "up": up,
+                  "after_up": effective()}))
+"""
+
+
+def test_smp_priority_goes_down_and_back_up_where_the_kernel_allows():
+    """Run in a session of its own (as the SMP is), so that the test's own autogroup is untouched."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _PRIORITY_CHILD], capture_output=True, text=True, timeout=60,
+                         start_new_session=True)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["down"] and got["after_down"] == 10, got
+    if got["autogroup"]:
+        assert got["up"] and got["after_up"] == 0, got
+    else:  # threads' nice: lowering is one way without CAP_SYS_NICE
+        assert not got["up"] and got["after_up"] == 10, got

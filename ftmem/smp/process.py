@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 
@@ -47,9 +48,13 @@ class Priority:
             try:
                 with open("/proc/self/autogroup", "w") as f:
                     f.write(str(nice))
-            except OSError:
-                return False  # EAGAIN: the kernel allows one change per 100 ms
-        elif nice > self.nice:
+                self.nice = nice
+                return True
+            except OSError as exc:
+                if exc.errno == errno.EAGAIN:
+                    return False  # the kernel allows one change per 100 ms: the caller retries
+                self._autogroup = False  # not allowed here: nice the threads instead
+        if nice > self.nice:
             for tid in _threads():
                 try:
                     os.setpriority(os.PRIO_PROCESS, tid, nice)
