@@ -32,6 +32,7 @@ from ftmem.smp.layout import (
     TensorEntry,
     chunk_crcs,
     chunk_size_for,
+    pack_entries,
 )
 from ftmem.smp.protocol import CONTROL_SCHEMA, MAX_CONTROL_BYTES, ProtocolError, decode, encode
 from ftmem.snapshot import serialize
@@ -283,6 +284,8 @@ def test_descriptor_round_trip():
     back = Descriptor.unpack(d.pack())
     assert back == d
     assert isinstance(back.entries[0].shape, tuple) and isinstance(back.meta, bytes)
+    assert d.pack(pack_entries(d.entries)) == d.pack()  # a plan's pre-packed entries change nothing
+    assert msgpack.unpackb(d.pack(), raw=False)["v"] == 1
 
 
 @pytest.mark.parametrize("start, stop, names", [

@@ -16,7 +16,6 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
-from functools import cached_property
 
 import crc32c
 import msgpack
@@ -122,15 +121,17 @@ class TensorEntry:
     global_shape: tuple[int, ...]
     global_offset: tuple[int, ...]
 
-    @cached_property
-    def wire(self) -> tuple:
-        """The entry as msgpack packs it; made once, since a descriptor is packed at every snapshot."""
+    def to_wire(self) -> tuple:
         return (self.name, self.dtype, self.shape, self.offset, self.nbytes, self.global_shape, self.global_offset)
 
     @classmethod
     def from_wire(cls, row: list) -> "TensorEntry":
         name, dtype, shape, offset, nbytes, gshape, goff = row
         return cls(name, dtype, tuple(shape), offset, nbytes, tuple(gshape), tuple(goff))
+
+
+def pack_entries(entries: tuple[TensorEntry, ...]) -> bytes:
+    return msgpack.packb([e.to_wire() for e in entries], use_bin_type=True)
 
 
 @dataclass(frozen=True)
@@ -144,10 +145,14 @@ class Descriptor:
     entries: tuple[TensorEntry, ...]
     meta: bytes
 
-    def pack(self) -> bytes:
-        return msgpack.packb({"v": 1, "step": self.step, "epoch": self.epoch, "rank": self.rank,
-                              "world": self.world, "entries": [e.wire for e in self.entries],
-                              "meta": self.meta}, use_bin_type=True)
+    def pack(self, packed_entries: bytes | None = None) -> bytes:
+        """msgpack map of the descriptor. `packed_entries` is `pack_entries(self.entries)` when the caller has it:
+        a plan packs its entries once, since they are the same at every snapshot."""
+        p = msgpack.Packer(use_bin_type=True)
+        fields = {"v": 1, "step": self.step, "epoch": self.epoch, "rank": self.rank, "world": self.world}
+        return b"".join([p.pack_map_header(len(fields) + 2), *(p.pack(k) + p.pack(v) for k, v in fields.items()),
+                         p.pack("entries"), packed_entries or pack_entries(self.entries),
+                         p.pack("meta"), p.pack(self.meta)])
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> "Descriptor":

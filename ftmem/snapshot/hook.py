@@ -86,7 +86,8 @@ class Snapshotter:
         if self._plan is None or not self._plan.matches(captured):
             self._plan = LayoutPlan(captured)
         sources = [c.tensor.detach().clone() if c.mutable_before_next_step else c.tensor for c in captured]
-        descriptor = Descriptor(step, self._epoch, self._rank, self._world, self._plan.entries, meta).pack()
+        descriptor = Descriptor(step, self._epoch, self._rank, self._world, self._plan.entries,
+                                meta).pack(self._plan.packed_entries)
         ready = None
         if self._cuda:
             ready = torch.cuda.Event()

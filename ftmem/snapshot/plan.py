@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from ftmem.smp.layout import TensorEntry, align
+from ftmem.smp.layout import TensorEntry, align, pack_entries
 from ftmem.snapshot.capture import Captured
 
 
@@ -30,6 +30,7 @@ class LayoutPlan:
                                        tuple(t.shape), (0,) * t.dim()))
             offset = align(offset + nbytes)
         self.entries: tuple[TensorEntry, ...] = tuple(entries)
+        self.packed_entries = pack_entries(self.entries)  # for every snapshot's descriptor
         self.data_bytes = offset
         self._signature = self.signature(tensors)
 
