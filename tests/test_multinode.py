@@ -151,7 +151,7 @@ def kill_and_replace(cluster: Cluster, golden, *, nnodes: int, victims: tuple[in
     for i in victims:
         assert f"rebuilt node {i}'s snapshot" in cluster.smp_log(i), cluster.logs()
     if AUTOGROUP:  # the survivors served the rebuild at full priority, then yielded again
-        assert re.search(r"nice 0 \(a node of the EC group is being rebuilt\).*\n.*nice 10 \(training",
+        assert re.search(r"nice 0 \(a node of the EC group is new or being rebuilt\).*\n.*nice 10 \(training",
                          cluster.smp_log(0), re.S), cluster.smp_log(0)
     assert "resumed-at-step" in out, cluster.logs()
     rest = restored(out)

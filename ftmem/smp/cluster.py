@@ -79,7 +79,8 @@ class _Peer:
     last_seen: float = 0.0
     committed: int = -1
     protected: int = -1
-    rebuilding: bool = False
+    rebuilding: bool = True  # until its first report: a new incarnation may be a replacement that rebuilds
+    discovered: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -196,13 +197,16 @@ class Cluster:
         self._lead(now)
 
     def _set_priority(self) -> None:
-        """Full priority while this node or a live member of its group is rebuilt, else the configured nice."""
-        recovering = self.rebuilding or any(p.rebuilding for n, p in self.peers.items()
-                                            if n in self.members and self.alive(n))
+        """Full priority while this node or a member of its group is (or, new and not yet reporting, may be)
+        rebuilt, else the configured nice."""
+        now, window = time.monotonic(), max(5.0, 5 * HEARTBEAT_S)
+        recovering = self.rebuilding or any(
+            p.rebuilding and (self.alive(n) or (p.last_seen == 0.0 and now - p.discovered < window))
+            for n, p in self.peers.items() if n in self.members)
         nice = 0 if recovering else self.cfg.nice
         if nice != self.priority.nice and self.priority.set(nice):
-            log.info("SMP CPU priority: nice %d (%s)", nice,
-                     "a node of the EC group is being rebuilt" if recovering else "training gets the cores first")
+            log.info("SMP CPU priority: nice %d (%s)", nice, "a node of the EC group is new or being rebuilt"
+                     if recovering else "training gets the cores first")
 
     def _refresh_peers(self) -> None:
         for node, (endpoint, incarnation) in self.directory.snapshot().items():
