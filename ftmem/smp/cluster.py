@@ -316,6 +316,11 @@ class Cluster:
             self._send(m, "ec_result", step=step, ok=ok)
 
     def _on_ec_start(self, step: int, leader: int) -> None:
+        peer = self.peers.get(leader)
+        if peer is not None and peer.last_seen == 0.0:
+            # a leader this (restarted) SMP has not heard a report from yet is alive: it just sent this. Without
+            # this the round would be abandoned at the next tick and the leader wait out its whole timeout.
+            peer.last_seen = time.monotonic()
         if self.rebuilding:
             self._send(leader, "ec_done", step=step, ok=False, detail=f"node {self.node} is still being rebuilt")
             return
