@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 log = get_logger("smp")
 HEARTBEAT_S = 1.0
+PEER_TIMEOUT_S = max(5.0, 5 * HEARTBEAT_S)  # a peer silent this long is gone
 EVENTS = "inproc://ftmem-events"
 
 
@@ -199,9 +200,9 @@ class Cluster:
     def _set_priority(self) -> None:
         """Full priority while this node or a member of its group is (or, new and not yet reporting, may be)
         rebuilt, else the configured nice."""
-        now, window = time.monotonic(), max(5.0, 5 * HEARTBEAT_S)
+        now = time.monotonic()
         recovering = self.rebuilding or any(
-            p.rebuilding and (self.alive(n) or (p.last_seen == 0.0 and now - p.discovered < window))
+            p.rebuilding and (self.alive(n) or (p.last_seen == 0.0 and now - p.discovered < PEER_TIMEOUT_S))
             for n, p in self.peers.items() if n in self.members)
         nice = 0 if recovering else self.cfg.nice
         if nice != self.priority.nice and self.priority.set(nice):
@@ -223,7 +224,7 @@ class Cluster:
         if node == self.node:
             return True
         peer = self.peers.get(node)
-        return peer is not None and time.monotonic() - peer.last_seen < max(5.0, 5 * HEARTBEAT_S)
+        return peer is not None and time.monotonic() - peer.last_seen < PEER_TIMEOUT_S
 
     def _live_incarnation(self, node: int) -> str | None:
         peer = self.peers.get(node)
