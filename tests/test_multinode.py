@@ -10,8 +10,6 @@ Node 0 is started first and never killed: its agent hosts the job's rendezvous s
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import random
 import re
@@ -23,6 +21,7 @@ import msgpack
 import psutil
 import pytest
 import zmq
+from blake3 import blake3
 
 from conftest import EXAMPLE, Cluster, final_hash, free_port
 from ftmem.smp.peer import MAX_PEER_BYTES, PeerCodec, PeerLink
@@ -409,8 +408,8 @@ SECRET = "s3cret-for-ftmem-peer-tests-0001"  # 32 characters
 
 
 def _mac(secret: bytes, frames: list[bytes]) -> bytes:
-    """HMAC-SHA256 over length-prefixed frames, as documented in ftmem/smp/peer.py (independent of PeerCodec)."""
-    mac = hmac.new(secret, digestmod=hashlib.sha256)
+    """Keyed BLAKE3 over length-prefixed frames, as documented in ftmem/smp/peer.py (independent of PeerCodec)."""
+    mac = blake3(key=blake3(secret, derive_key_context="ftmem 2026-11 peer message MAC").digest())
     for f in frames:
         mac.update(len(f).to_bytes(8, "little"))
         mac.update(f)

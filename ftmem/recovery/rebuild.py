@@ -15,7 +15,7 @@ from ftmem.smp.layout import Header
 from ftmem.smp.nodedata import NodeData
 from ftmem.smp.parity import ParityStore
 from ftmem.smp.peer import PeerLink
-from ftmem.smp.protect import BATCH_BYTES, GroupMeta, collect, submit_ranges
+from ftmem.smp.protect import BATCH_BYTES, GroupMeta, collect, pipelined, submit_ranges
 
 log = get_logger("smp")
 
@@ -51,9 +51,8 @@ def rebuild_node(meta: GroupMeta, node: int, data: NodeData, parity: ParityStore
     alive = {i: link_to(m) for i, m in enumerate(meta.members) if m != node and link_to(m) is not None}
     mine = sorted(set(layout.data_stripes(me)) | set(layout.parity_stripes(me)))
     per_batch = max(1, BATCH_BYTES // layout.chunk_size)  # each member sends at most one chunk per stripe
-    for start in range(0, len(mine), per_batch):
-        batch = mine[start: start + per_batch]
-        blocks: dict[int, dict[int, bytes]] = {t: {} for t in batch}
+
+    def request(batch: list[int]) -> dict:
         inflight = {}  # every member's requests go out before any reply is awaited, so they serve in parallel
         for i, link in alive.items():
             data_items = [(t, layout.data_chunk(t, i)) for t in batch if i in layout.data_members(t)]
@@ -62,28 +61,39 @@ def rebuild_node(meta: GroupMeta, node: int, data: NodeData, parity: ParityStore
                            par_items, link.submit("parity", step=meta.step,
                                                   slots=[layout.parity_slot(t, i) for t in par_items])
                            if par_items else None)
+        return inflight
+
+    def gather(inflight: dict) -> dict[int, dict[int, bytes]]:
+        blocks: dict[int, dict[int, bytes]] = {}
         for i, (data_items, data_reqs, par_items, par_req) in inflight.items():
+            if i not in alive:  # failed on an earlier batch
+                continue
             try:
                 for (t, _), b in zip(data_items, collect(alive[i], data_reqs, timeout)):
-                    blocks[t][i] = b
+                    blocks.setdefault(t, {})[i] = b
                 if par_req is not None:
                     for t, b in zip(par_items, alive[i].result(par_req, timeout)[1]):
-                        blocks[t][i] = b
+                        blocks.setdefault(t, {})[i] = b
             except (TimeoutError, RuntimeError) as exc:
                 del alive[i]  # lost during the rebuild, or no longer holding the step: the others may suffice
                 log.warning("rebuild of step %d goes on without node %d: %s", meta.step, meta.members[i], exc)
+        return blocks
+
+    def code(batch: list[int], blocks: dict[int, dict[int, bytes]]) -> None:
         for t in batch:
             try:
-                block = rebuild_stripe(layout, t, blocks[t], want=[me])[me]
+                block = rebuild_stripe(layout, t, blocks.get(t, {}), want=[me])[me]
             except NotEnoughBlocks as exc:
-                lost = [m for i, m in enumerate(meta.members) if i not in blocks[t] and m != node]
+                lost = [m for i, m in enumerate(meta.members) if i not in blocks.get(t, {}) and m != node]
                 raise RebuildError(f"cannot rebuild node {node}'s snapshot of step {meta.step}: group members "
                                    f"{lost} are unavailable too, more than f={meta.f} lost ({exc})") from exc
             if me in layout.data_members(t):
                 off, length = layout.data_chunk(t, me)
                 data.write(off, memoryview(block)[:length])
             else:
-                parity.write(seg, layout.parity_slot(t, me) * layout.chunk_size, bytes(block))
+                parity.write(seg, layout.parity_slot(t, me) * layout.chunk_size, block)
+
+    pipelined([mine[i: i + per_batch] for i in range(0, len(mine), per_batch)], request, gather, code)
 
 
 def verify(data: NodeData, headers: dict[int, Header]) -> list[str]:

