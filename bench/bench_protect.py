@@ -16,11 +16,15 @@ one run, and reported as ratios:
    apples-to-apples comparison on a machine where ranks and SMPs share the cores). Raw zfec is also timed
    while the job trains and with no job running. The SMPs' CPU seconds per paused round (psutil, all 3)
    against raw zfec's compare the work done, independently of contention. The SMP's round is not just zfec:
-   it fetches every chunk from its owner over the peer protocol (zmq TCP on loopback, 16 MiB requests, one
-   member after the other), with HMAC-SHA256 of every frame on both ends, copies out of shared memory on the
+   it fetches every chunk from its owner over the peer protocol (zmq TCP on loopback, 16 MiB requests, three
+   batches in flight), with a keyed-BLAKE3 MAC of every frame on both ends, copies out of shared memory on the
    serving side, pads short chunks and writes parity to shared memory. A breakdown table times each of those
    steps (wall and CPU) on the same amount of data in this process, with ftmem's own NodeData / PeerCodec /
    encode_parity, to show where the time goes. Also: rounds ok / failed and why (SMP log), lag at the kill.
+   **The SMP path alone** (`smp_path`): still paused, the bench runs ftmem's own `encode_round` for each member
+   and `rebuild_node` for node 2 in its own process, against the three live SMPs (serving only), and raw zfec
+   between the repetitions: one SMP's encode and decode path without the other two encoding on the same cores,
+   as on a cluster where each has its own node. The rebuilt data must pass its commit-time checksums.
 2. **Rebuild.** After the measured steps and the paused window node 2 is killed whole
    (`ftmem.chaos.kill_node`: launcher, worker, SMP, segments) right after a step line, and a replacement
    node 2 is started at once. Its SMP log gives
@@ -76,6 +80,7 @@ import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "train_gpt.py"
@@ -534,7 +539,7 @@ def run_ec_job(sess: Session, args: argparse.Namespace, plan: SimpleNamespace) -
     from ftmem.chaos import kill_node
     from ftmem.env import NodeEnv
 
-    job, port = sess.job_id("ec"), free_port()
+    job, port, secret = sess.job_id("ec"), free_port(), uuid.uuid4().hex
     common = ["--nnodes", "3", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
               f"127.0.0.1:{port}", "--rdzv-id", job, "--max-restarts", "3",
               *(["--rdzv-conf", args.rdzv_conf] if args.rdzv_conf else [])]
@@ -542,7 +547,7 @@ def run_ec_job(sess: Session, args: argparse.Namespace, plan: SimpleNamespace) -
 
     def node(i: int, name: str) -> Proc:
         return sess.start(name, [sys.executable, "-m", "ftmem.launcher.main", *common, "--node-rank", str(i),
-                                 *train])
+                                 *train], {"FTMEM_SECRET": secret})
 
     cmd = shlex.join(["ftmem-run", *common, "--node-rank", "I", *[str(a) for a in train]])
     say(f"ec job: {cmd}")
@@ -627,6 +632,10 @@ def run_ec_job(sess: Session, args: argparse.Namespace, plan: SimpleNamespace) -
         time.sleep(0.6)
         ok_b = {i: dict((poller.latest(i) or {}).get("ec_stats") or {}) for i in range(3)}
         paused_raw = raw_reps(plan.repeat)
+        endpoints = {i: (poller.latest(i) or {}).get("endpoint") for i in range(3)}
+        path = smp_path(endpoints, secret.encode(), job, plan.repeat, args.timeout, lambda: raw_reps(1)[0])
+        path["raw_rebuild"] = raw_rebuild_s(share, path["node2_bytes"], plan.repeat)
+        out["path"] = path
         stopped = []
         signal_all(workers, signal.SIGCONT)
         out.update(paused_step=x, paused_rounds=poller.rounds(t_cont, time.time()), paused_cpu=cpu_b - cpu_a,
@@ -779,7 +788,7 @@ def pipeline_breakdown(share: dict, repeat: int) -> dict[str, float]:
     """Time each step an SMP's encode round applies to its input, on the same bytes, in this process (idle).
 
     Uses ftmem's own pieces where they exist: NodeData.read (the serving side's copy out of shared memory),
-    PeerCodec.pack / unpack (HMAC-SHA256 on send and receive), zmq ROUTER/DEALER over tcp loopback in 16 MiB
+    PeerCodec.pack / unpack (keyed BLAKE3 on send and receive), zmq ROUTER/DEALER over tcp loopback in 16 MiB
     replies (send and receive copy=False, as PeerLink does), ftmem.erasure.encode_parity, and the parity
     write into a shared mapping. The round does them one after the other (one member at a time, then encode).
     """
@@ -828,7 +837,7 @@ def pipeline_breakdown(share: dict, repeat: int) -> dict[str, float]:
             replies = []
             for batch in batches:
                 blobs = timed("serve: NodeData.read (copy out of shm)", lambda b=batch: [data.read(o, n) for o, n in b])
-                frames = timed("serve: HMAC sign (PeerCodec.pack)",
+                frames = timed("serve: MAC sign (PeerCodec.pack)",
                                lambda bl=blobs: codec.pack("reply", 1, bl, ok=True, error="", body=b""))
                 replies.append(frames)
             received = []
@@ -841,7 +850,7 @@ def pipeline_breakdown(share: dict, repeat: int) -> dict[str, float]:
                 received.append(timed("zmq tcp loopback transfer", xfer))
             blocks = []
             for fr in received:
-                blocks.extend(timed("receive: HMAC verify (PeerCodec.unpack)", lambda f=fr: codec.unpack(f)[1]))
+                blocks.extend(timed("receive: MAC verify (PeerCodec.unpack)", lambda f=fr: codec.unpack(f)[1]))
             del replies, received
             par = timed("zfec encode (ftmem encode_parity)",
                         lambda: [encode_parity(k, 3, blocks[s * k:(s + 1) * k], [0])[0] for s in range(nstripes)])
@@ -894,6 +903,64 @@ def raw_rebuild_s(share: dict, node_bytes: int, repeat: int) -> dict:
         enc_s.append(raw_encode_s(stripes[:len(par_t)], k, n))
     return {"decode_s": min(dec_s), "encode_s": min(enc_s), "data_bytes": node_bytes,
             "parity_bytes": len(par_t) * chunk, "data_stripes": len(data_t), "parity_stripes": len(par_t)}
+
+
+def smp_path(endpoints: dict[int, str], secret: bytes, job: str, repeat: int, timeout: float,
+             raw_encode: Callable[[], tuple[float, float]]) -> dict:
+    """ftmem's own `encode_round` and `rebuild_node`, run in this process against the job's live SMPs (workers
+    paused): one member's encode path, and node 2's rebuild from nodes 0 and 1, each alone on the machine.
+
+    In the job all three SMPs encode at once, and here they share 2 cores with each other and with the peers
+    serving them; on a cluster each has its own node's cores. This measures one SMP's path as it would run
+    there: real requests to real SMPs over TCP, keyed-BLAKE3 MACs on both ends, the pipelined coder, parity
+    written to shared memory. The SMPs only serve (reads of their committed step). Raw zfec runs between the
+    repetitions, on random bytes of the same geometry. The rebuilt payload is checked against its commit-time
+    checksums (bit-exact or the bench fails)."""
+    import mmap
+
+    from ftmem.recovery.rebuild import newest_protected, rebuild_node, verify
+    from ftmem.smp.layout import HEADER_SIZE, Header
+    from ftmem.smp.nodedata import NodeData, Part
+    from ftmem.smp.parity import ParityStore
+    from ftmem.smp.peer import Links, PeerCodec
+    from ftmem.smp.protect import encode_round
+
+    members = (0, 1, 2)
+    links = Links(PeerCodec(secret, job, 0))
+    parity = ParityStore(f"ftmem-bench-path-{uuid.uuid4().hex[:8]}-")
+    out: dict = {"encode": [], "raw_encode": [], "rebuild": []}
+
+    def link_to(lost: int | None):
+        return lambda m: None if m == lost else links.to(m, endpoints[m])
+    try:
+        meta = newest_protected(members, 2, link_to(2), timeout)
+        if meta is None:
+            raise BenchError("smp path: no protected step to encode and rebuild")
+        layout = meta.layout
+        out.update(step=meta.step, input_bytes=len(layout.parity_stripes(0)) * layout.k * layout.chunk_size,
+                   node2_bytes=layout.sizes[2], rebuild_bytes=layout.sizes[2] + layout.parity_bytes(2))
+        manifest = meta.manifests[2]
+        maps = [mmap.mmap(-1, HEADER_SIZE + length) for _, length, _ in manifest]
+        data = NodeData([Part(rank, SimpleNamespace(segment=SimpleNamespace(buf=mm)), length)
+                         for (rank, length, _), mm in zip(manifest, maps)])
+        headers = {rank: Header.unpack(h) for rank, _, h in manifest}
+        for _ in range(repeat):
+            for me in members:
+                start = time.perf_counter()
+                encode_round(meta.step, me, members, meta.f, link_to(None), parity, timeout, lambda: False)
+                out["encode"].append(time.perf_counter() - start)
+            out["raw_encode"].append(raw_encode())
+            start = time.perf_counter()
+            rebuild_node(meta, 2, data, parity, link_to(2), timeout)
+            out["rebuild"].append(time.perf_counter() - start)
+            if (bad := verify(data, headers)):
+                raise BenchError(f"smp path: the rebuilt data fails its checksums: {bad}")
+        for mm in maps:
+            mm.close()
+    finally:
+        links.close()
+        parity.close(unlink_all=True)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -1106,7 +1173,9 @@ def report(r: dict, plan: SimpleNamespace, args: argparse.Namespace, elapsed: fl
           f"k=2 n=3 f=1, chunk {chunk / 2**20:.2f} MiB; each SMP encodes the {share['node_stripes']} stripes it "
           f"holds parity for: {node_in / 1e6:.1f} MB of input per round")
     has_paused = "paused_step" in ec
-    paused = [x["last_round_s"] for x in ec["paused_rounds"]] if has_paused else []
+    # the round of the paused step only: one of a step committed as the workers were stopped may overlap training
+    paused = [x["last_round_s"] for x in ec["paused_rounds"]
+              if x.get("last_round_step") == ec.get("paused_step")] if has_paused else []
     training = [x["last_round_s"] for x in ec["rounds"]]
     raw_idle_share = min(w for w, _ in r["raw_idle"]) * node_in / (share["stripes"] * k * chunk)
     rows = []
@@ -1143,7 +1212,7 @@ def report(r: dict, plan: SimpleNamespace, args: argparse.Namespace, elapsed: fl
             cpu_round = ec["paused_cpu"] / rounds_paused
             print(f"   CPU, workers paused: the 3 SMPs used {ec['paused_cpu']:.2f} CPU-s for {rounds_paused} round(s) "
                   f"(ok {d_ok[0]}, failed {d_fail[0]}) = {cpu_round:.2f} CPU-s per round (all their work: serving "
-                  f"reads, transfer, HMAC, encode, status polls) vs raw zfec {3 * raw_p_cpu:.2f} CPU-s for the same "
+                  f"reads, transfer, MACs, encode, status polls) vs raw zfec {3 * raw_p_cpu:.2f} CPU-s for the same "
                   f"3 shares: {3 * raw_p_cpu / cpu_round:.1%}")
         else:
             print(f"   PROBLEM: no EC round ended in the paused window (step {ec['paused_step']} committed, "
@@ -1151,6 +1220,23 @@ def report(r: dict, plan: SimpleNamespace, args: argparse.Namespace, elapsed: fl
     else:
         print(f"   no paused-window measurement: no EC round ended within {ec['post_resume_waited']:.0f}s of the "
               f"resume (see 4.)")
+    if "path" in ec:
+        pth = ec["path"]
+        enc, raw = med(pth["encode"]), min(w for w, _ in pth["raw_encode"])
+        rb_t, rrb = med(pth["rebuild"]), pth["raw_rebuild"]
+        raw_rb = rrb["decode_s"] + rrb["encode_s"]
+        rows = [("encode_round: one member's parity (%.1f MB of input)" % (pth["input_bytes"] / 1e6), len(pth["encode"]),
+                 fmt_s(enc), f"{pth['input_bytes'] / enc / 1e9:.3f}", ""),
+                ("  raw zfec encode, same geometry, between the repetitions", len(pth["raw_encode"]), fmt_s(raw),
+                 f"{node_in / raw / 1e9:.3f}", f"{(pth['input_bytes'] / enc) / (node_in / raw):.1%}"),
+                ("rebuild_node: node 2 from nodes 0, 1 (%.1f MB data + parity)" % (pth["rebuild_bytes"] / 1e6),
+                 len(pth["rebuild"]), fmt_s(rb_t), f"{pth['rebuild_bytes'] / rb_t / 1e9:.3f}", ""),
+                ("  raw zfec decode + encode of the same stripes", 1, fmt_s(raw_rb),
+                 f"{(rrb['data_bytes'] + rrb['parity_bytes']) / raw_rb / 1e9:.3f}",
+                 f"{(pth['rebuild_bytes'] / rb_t) / ((rrb['data_bytes'] + rrb['parity_bytes']) / raw_rb):.1%}")]
+        table(f"   the SMP path alone: ftmem's encode_round / rebuild_node in this process against the 3 live SMPs "
+              f"(workers paused, SMPs only serving; step {pth['step']}; rebuilt data verified against its "
+              f"checksums); target: path/raw >= 80%", rows, ("", "n", "time", "GB/s", "path/raw"))
     w0, w1 = ec["status_w0"], ec["status_w1"]
     started = {i: sum((w1[i] or {}).get("ec_stats", {}).get(f, 0) - (w0[i] or {}).get("ec_stats", {}).get(f, 0)
                       for f in ("rounds_ok", "rounds_failed")) for i in range(3)}

@@ -597,3 +597,65 @@ def test_smp_priority_goes_down_and_back_up_where_the_kernel_allows():
         assert got["up"] and got["after_up"] == 0, got
     else:  # threads' nice: lowering is one way without CAP_SYS_NICE
         assert not got["up"] and got["after_up"] == 10, got
+
+
+# ------------------------------------------------------------------------------------------ the round's pipeline
+
+
+def test_pipeline_codes_every_batch_in_order_while_the_next_is_gathered_with_two_requests_ahead_at_most():
+    import threading
+
+    from ftmem.smp.protect import pipelined
+
+    events: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    gathered_next = {i: threading.Event() for i in range(6)}
+
+    def note(what: str, i: int) -> None:
+        with lock:
+            events.append((what, i))
+
+    def request(batch: int) -> int:
+        note("request", batch)
+        outstanding = {b for w, b in events if w == "request"} - {b for w, b in events if w == "gather"}
+        assert len(outstanding) <= 2, f"more than two batches requested ahead: {sorted(outstanding)}"
+        return batch
+
+    def gather(handle: int) -> str:
+        note("gather", handle)
+        gathered_next[handle].set()
+        return f"blocks of {handle}"
+
+    def code(batch: int, got: str) -> None:
+        assert got == f"blocks of {batch}"
+        if batch + 1 < 6:  # coding overlaps gathering the next batch: it sees that gather happen
+            assert gathered_next[batch + 1].wait(10), f"batch {batch + 1} was not gathered while {batch} was coded"
+        note("code", batch)
+
+    pipelined(list(range(6)), request, gather, code)
+    assert [b for w, b in events if w == "code"] == list(range(6))
+    assert [b for w, b in events if w == "gather"] == list(range(6))
+    for i in range(5):  # batch i+1 is requested before batch i is gathered (its peers serve meanwhile)
+        assert events.index(("request", i + 1)) < events.index(("gather", i))
+
+
+def test_pipeline_raises_what_coding_or_gathering_raised_and_does_nothing_for_no_batches():
+    from ftmem.smp.protect import pipelined
+
+    def fail_code(batch, got):
+        if batch == 2:
+            raise ValueError("zfec said no")
+
+    with pytest.raises(ValueError, match="zfec said no"):
+        pipelined([0, 1, 2, 3], lambda b: b, lambda h: h, fail_code)
+
+    def fail_gather(handle):
+        if handle == 1:
+            raise TimeoutError("peer gone")
+        return handle
+
+    coded = []
+    with pytest.raises(TimeoutError, match="peer gone"):
+        pipelined([0, 1, 2], lambda b: b, fail_gather, lambda b, got: coded.append(b))
+    assert coded == [0]  # what was gathered before the failure was still coded, nothing after it
+    pipelined([], lambda b: pytest.fail("requested"), lambda h: h, lambda b, got: pytest.fail("coded"))

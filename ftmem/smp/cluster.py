@@ -132,7 +132,7 @@ class Cluster:
         self.last_led = -1
         self.pending_meta: GroupMeta | None = None  # of the round this node finished last
         self.stats: dict[str, Any] = {"rounds_ok": 0, "rounds_failed": 0, "last_round_s": None,
-                                      "last_round_bytes": 0, "rebuild_s": None, "lag_steps": 0}
+                                      "last_round_step": None, "last_round_bytes": 0, "rebuild_s": None, "lag_steps": 0}
         self._next_heartbeat = 0.0
         self._rebuild_started = 0.0
         self.priority = Priority()
@@ -446,7 +446,7 @@ class Cluster:
             self.rebuilding, self.rebuild_error = False, f"peer discovery failed: {ev['error']}"
         elif kind == "encoded":
             self.pending_meta = GroupMeta.unpack(ev["meta"])
-            self.stats["last_round_s"] = ev["seconds"]
+            self.stats["last_round_s"], self.stats["last_round_step"] = ev["seconds"], ev["step"]
             self.stats["last_round_bytes"] = sum(self.pending_meta.layout.sizes)
             ok = not self._round_aborted(ev["step"])
             self._report_round(ev["step"], ok, "" if ok else "a local buffer was reused during the round")
@@ -601,9 +601,9 @@ class Cluster:
         return [bytes(buf.segment.buf[start: start + msg["length"]])]
 
     def status(self) -> dict[str, Any]:
-        return {"protected": self.protected, "peers": {str(n): {"alive": self.alive(n), "committed": p.committed,
-                                                                "protected": p.protected}
-                                                       for n, p in sorted(self.peers.items())},
+        peers = {str(n): {"alive": self.alive(n), "committed": p.committed, "protected": p.protected}
+                 for n, p in sorted(self.peers.items())}
+        return {"protected": self.protected, "endpoint": self.own_endpoint(), "peers": peers,
                 "ec_group": list(self.members), "ec_parity": self.cfg.ec_parity, "parity_bytes": self.parity.nbytes(),
                 "rebuilding": self.rebuilding, "rebuild_error": self.rebuild_error, "ec_stats": self.stats}
 
