@@ -1264,9 +1264,14 @@ def report(r: dict, plan: SimpleNamespace, args: argparse.Namespace, elapsed: fl
     table(f"   where one SMP's round goes: its {node_in / 1e6:.0f} MB through each step of the path, in this "
           f"process, no job running (median of {plan.repeat})", rows, ("step", "wall", "CPU", "GB/CPU-s", "CPU share"))
     zf = pieces.get("zfec encode (ftmem encode_parity)", (0, 0))[1]
-    print(f"   zfec CPU / CPU of all the pieces = {zf / total_cpu:.1%}: about the best raw/SMP this path can reach"
-          + (f"; the paused SMP round took {med(paused):.2f}s wall = {med(paused) / total:.1f}x the pieces' wall sum"
-             if paused else ""))
+    cores = os.cpu_count() or 1
+    stages = [c for name, (_, c) in pieces.items() if not name.startswith("serve:")]
+    print(f"   bounds on path/raw from these pieces: every piece on one core {zf / total_cpu:.1%}; on this machine's "
+          f"{cores} cores, the serving peers on the same cores, at best {min(1.0, cores * zf / total_cpu):.1%}; on "
+          f"a cluster (peers on their own nodes, the encoder's stages in parallel: the slowest stage) "
+          f"{min(1.0, zf / max(stages)):.1%}"
+          + (f". The paused SMP round (3 SMPs encoding at once) took {med(paused):.2f}s wall = "
+             f"{med(paused) / total:.1f}x the pieces' wall sum" if paused else ""))
 
     # ---- 2. rebuild
     rb, ev = r["raw_rebuild"], ec["smp_events"]

@@ -659,3 +659,29 @@ def test_pipeline_raises_what_coding_or_gathering_raised_and_does_nothing_for_no
         pipelined([0, 1, 2], lambda b: b, fail_gather, lambda b, got: coded.append(b))
     assert coded == [0]  # what was gathered before the failure was still coded, nothing after it
     pipelined([], lambda b: pytest.fail("requested"), lambda h: h, lambda b, got: pytest.fail("coded"))
+
+
+def test_lead_schedule_retries_a_failed_step_with_backoff_but_never_delays_a_newer_one():
+    from ftmem.smp.cluster import RETRY_MAX_S, RETRY_S, LeadSchedule
+
+    s = LeadSchedule()
+    assert not s.due(None, 0.0)  # nothing committed yet
+    assert s.due(5, 0.0)
+    s.started(5)
+    assert not s.due(5, 100.0), "a step led (and still running or succeeded) is not led again"
+    assert s.finished(True, 1.0) is None and not s.due(5, 1000.0)
+
+    s.started(6)
+    assert s.finished(False, 10.0) == RETRY_S
+    assert not s.due(6, 10.0 + RETRY_S / 2), "the failed step is retried only after the backoff"
+    assert s.due(6, 10.0 + RETRY_S), "training stalled at step 6: the failed round must be led again"
+    assert s.due(7, 10.0), "a newer committed step is led at once, backoff or not"
+    delays = []
+    for _ in range(8):  # keeps failing: the backoff doubles up to its bound
+        s.started(6)
+        delays.append(s.finished(False, 0.0))
+    assert delays[:3] == [2 * RETRY_S, 4 * RETRY_S, 8 * RETRY_S] and delays[-1] == RETRY_MAX_S
+    s.started(6)
+    assert s.finished(True, 0.0) is None and s.failures == 0
+    s.member_restarted()
+    assert s.due(6, 0.0), "a member lost its parity: the newest step is protected again"

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = get_logger("smp")
 HEARTBEAT_S = 1.0
 PEER_TIMEOUT_S = max(5.0, 5 * HEARTBEAT_S)  # a peer silent this long is gone
+RETRY_S, RETRY_MAX_S = 1.0, 30.0  # a failed round's step is led again after this, doubling while rounds fail
 EVENTS = "inproc://ftmem-events"
 
 
@@ -105,6 +106,35 @@ class _MemberRound:
     aborted: bool = False  # a rank reused one of them: the round must fail
 
 
+class LeadSchedule:
+    """Which committed step the group leader protects next, and when: the newest, at once when it is newer than
+    the last one led; the same again after a failure, after a backoff doubling from RETRY_S while rounds keep
+    failing. Without the retry a transient failure (a member restarting, slow to report) would leave the group
+    unprotected for as long as training stalls and commits nothing new."""
+
+    def __init__(self) -> None:
+        self.last_led = -1
+        self.failures = 0                   # led rounds that failed in a row
+        self.retry_at: float | None = None  # after a failure: when its step may be led again
+
+    def due(self, committed: int | None, now: float) -> bool:
+        return committed is not None and (committed > self.last_led or
+                                          (self.retry_at is not None and now >= self.retry_at))
+
+    def started(self, step: int) -> None:
+        self.last_led, self.retry_at = step, None
+
+    def finished(self, ok: bool, now: float) -> float | None:
+        """Record a round's outcome; after a failure, the seconds until its step may be led again."""
+        self.failures = 0 if ok else self.failures + 1
+        self.retry_at = None if ok else now + min(RETRY_MAX_S, RETRY_S * 2 ** (self.failures - 1))
+        return None if ok else self.retry_at - now
+
+    def member_restarted(self) -> None:
+        """A member lost its parity: protect the newest committed step again, even one already led."""
+        self.last_led = -1
+
+
 class Cluster:
     def __init__(self, daemon: "SnapshotDaemon", config: ClusterConfig) -> None:
         config.validate()
@@ -129,7 +159,7 @@ class Cluster:
         self.protected: int | None = None
         self.member_round: _MemberRound | None = None
         self.leading: _Round | None = None
-        self.last_led = -1
+        self.schedule = LeadSchedule()
         self.pending_meta: GroupMeta | None = None  # of the round this node finished last
         self.stats: dict[str, Any] = {"rounds_ok": 0, "rounds_failed": 0, "last_round_s": None,
                                       "last_round_step": None, "last_round_bytes": 0, "rebuild_s": None, "lag_steps": 0}
@@ -216,7 +246,7 @@ class Cluster:
                 if peer is not None:
                     log.info("node %d restarted (new incarnation); reconnecting", node)
                     if node in self.members:  # its parity is gone: protect the newest step again, even if led
-                        self.last_led = -1
+                        self.schedule.member_restarted()
                 self.peers[node] = _Peer(endpoint, incarnation)
                 self.d.tracker.set_source(node, {})
 
@@ -229,6 +259,14 @@ class Cluster:
     def _live_incarnation(self, node: int) -> str | None:
         peer = self.peers.get(node)
         return peer.incarnation if peer is not None and self.alive(node) else None
+
+    def _await_first_report(self, node: int) -> None:
+        """On the worker thread: a peer this SMP discovered but has not heard from yet gets until its first
+        heartbeat (bounded by PEER_TIMEOUT_S) before it counts as gone. A restarted SMP can be asked to take part
+        in a round, by a leader that sees every member alive, before the other members' reports reach it."""
+        peer = self.peers.get(node)
+        while peer is not None and peer.last_seen == 0.0 and time.monotonic() - peer.discovered < PEER_TIMEOUT_S:
+            time.sleep(0.05)
 
     def _send(self, node: int, op: str, **fields: Any) -> None:
         if node == self.node:
@@ -299,20 +337,23 @@ class Cluster:
                 self._finish_round(False)
             return
         committed = self.d.tracker.committed
-        if committed is None or committed <= self.last_led or self.rebuilding:
+        if self.rebuilding or not self.schedule.due(committed, now):
             return
         if not all(self.alive(m) for m in self.members):
             return
         self.leading = _Round(committed, now + self.d.timeout,
                               {m: self.incarnation if m == self.node else self.peers[m].incarnation
                                for m in self.members})
-        self.last_led = committed
+        self.schedule.started(committed)
         for m in self.members:
             self._send(m, "ec_start", step=committed)
 
     def _finish_round(self, ok: bool) -> None:
         step = self.leading.step
         self.leading = None
+        delay = self.schedule.finished(ok, time.monotonic())
+        if delay is not None:
+            log.info("EC round of step %d failed; unless a newer step commits, it is led again in %.0fs", step, delay)
         for m in self.members:
             self._send(m, "ec_result", step=step, ok=ok)
 
@@ -366,6 +407,7 @@ class Cluster:
         def link_to(node: int):
             if node == self.node:
                 return links.to(node, self.own_endpoint())
+            self._await_first_report(node)
             incarnation = self._live_incarnation(node)
             if incarnation is None:
                 return None
