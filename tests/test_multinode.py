@@ -586,3 +586,56 @@ def test_signed_requests_with_bad_values_get_an_error_not_a_crash(peers, op, fie
         print(f"{op} {fields}: {exc}")
     msg, _ = _request(c, endpoint, smp0, "ec_status")
     assert msg["ok"] and smp0.poll() is None
+
+
+# ------------------------------------------------------------------------------------- ranks that move away
+
+def test_a_rank_that_moved_frees_its_buffers_on_its_old_node_once_the_job_moved_on(cluster):
+    """Two bare SMPs of a 2-node job with fake ranks (the control protocol a rank speaks). In epoch 1 rank r
+    lives on node r; in epoch 2 a re-rendezvous swaps them, each fetches its snapshot from its old node and
+    writes the next step on its new one. The old node keeps the moved rank's buffers while anything may read
+    them (the restore's transfer, the protected step's parity), then frees them: once a newer step is
+    committed and protected without them. Without that, every move leaves a whole set of buffers behind."""
+    from torch.distributed import TCPStore
+
+    from test_smp_protocol import payload_for, write_snapshot
+
+    port = free_port()
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+    args = ["--nnodes", "2", "--store", f"127.0.0.1:{port}", "--peer-host", "127.0.0.1", "--timeout", "30",
+            "--buffers", "4"]
+    smp = {node: cluster.start_smp(*args, node=node, name=f"smp{node}", FTMEM_SECRET=SECRET) for node in (0, 1)}
+    client = {node: cluster.client(node, timeout=60.0) for node in (0, 1)}
+
+    def rank_segments(node: int, rank: int) -> list[str]:
+        return [s for s in cluster.segments() if s.startswith(f"ftmem.{cluster.job}.n{node}.r{rank}.")]
+
+    def protected(step: int) -> bool:
+        return all(client[n].call("status").get("protected") == step for n in (0, 1))
+
+    for rank in (0, 1):  # epoch 1: rank r on node r
+        client[rank].call("register", rank=rank, world=2, local_rank=0, pid=1000 + rank)
+        client[rank].call("begin", rank=rank, step=-1, epoch=1)
+    for step in range(3):
+        for rank in (0, 1):
+            write_snapshot(client[rank], rank, step, 1, payload_for(rank, step))
+    cluster.wait_until(lambda: protected(2), 60, "step 2 to be protected on both nodes", interval=0.2)
+
+    for rank in (0, 1):  # epoch 2: swapped; each rank's step 2 is fetched from its old node
+        new = 1 - rank
+        client[new].call("register", rank=rank, world=2, local_rank=0, pid=2000 + rank)
+        reply = client[new].call("begin", rank=rank, step=2, epoch=2)
+        assert "rank moved" in reply["source"], reply
+    for rank in (0, 1):
+        assert rank_segments(rank, rank), f"rank {rank}'s old buffers went while they are the protected step's data"
+        assert "released rank" not in cluster.output(smp[rank]), cluster.logs()
+    for rank in (0, 1):
+        write_snapshot(client[1 - rank], rank, 3, 2, payload_for(rank, 3))
+    cluster.wait_until(lambda: protected(3), 60, "step 3 to be protected on both nodes", interval=0.2)
+    cluster.wait_until(lambda: not rank_segments(0, 0) and not rank_segments(1, 1), 30,
+                       "the moved ranks' old buffers to be freed", interval=0.2)
+    for rank in (0, 1):
+        assert f"released rank {rank}'s buffers" in cluster.output(smp[rank]), cluster.logs()
+        assert rank_segments(1 - rank, rank), "the rank's buffers on its new node must stay"
+        assert [s for s, _ in client[1 - rank].call("available", rank=rank)["steps"]][:1] == [3]
+    del store

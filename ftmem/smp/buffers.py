@@ -133,6 +133,17 @@ class BufferStore:
             return Header(BufferState.EMPTY, rank=rank)
         return header
 
+    def release(self, rank: int) -> int:
+        """Unlink every buffer of `rank` and forget it; returns the bytes freed."""
+        rb = self.ranks.pop(rank)
+        freed = rb.nbytes()
+        for buf in rb.buffers:
+            if buf.segment is not None:
+                buf.segment.close()
+                buf.segment.unlink()
+                buf.segment = None
+        return freed
+
     def nbytes(self) -> int:
         return sum(rb.nbytes() for rb in self.ranks.values())
 

@@ -309,6 +309,13 @@ class Cluster:
             steps.add(self.member_round.step)
         return frozenset(steps)
 
+    def in_use(self) -> frozenset[int] | None:
+        """Steps of this node's data the erasure code may still read: the protected one (to rebuild a member)
+        and a running round's, pinned or not; None while this node is being rebuilt (all of it is)."""
+        if self.rebuilding:
+            return None
+        return self.keep() | ({self.member_round.step} if self.member_round is not None else set())
+
     def buffer_taken(self, step: int | None) -> None:
         """A rank is about to overwrite a buffer holding `step`."""
         if self.member_round is not None and step == self.member_round.step:
@@ -612,6 +619,8 @@ class Cluster:
             raise LookupError(f"node {self.node} holds no snapshot of step {step}")
         if self.meta is not None and step == self.meta.step:
             manifest = self.meta.manifests[self.meta.members.index(self.node)]
+            coded = {rank for rank, _, _ in manifest}
+            parts = [p for p in parts if p.rank in coded]  # not a rank that moved here since (its copy of the step)
             if sorted((p.rank, p.length, p.buffer.header.pack()) for p in parts) != sorted(manifest):
                 raise LookupError(f"node {self.node}'s step {step} is not the data its parity was computed over")
         return NodeData(parts)
@@ -645,7 +654,8 @@ class Cluster:
     def status(self) -> dict[str, Any]:
         peers = {str(n): {"alive": self.alive(n), "committed": p.committed, "protected": p.protected}
                  for n, p in sorted(self.peers.items())}
-        return {"protected": self.protected, "endpoint": self.own_endpoint(), "peers": peers,
+        endpoint = self.own_endpoint() if self.sock is not None else None  # None until the store is reached
+        return {"protected": self.protected, "endpoint": endpoint, "peers": peers,
                 "ec_group": list(self.members), "ec_parity": self.cfg.ec_parity, "parity_bytes": self.parity.nbytes(),
                 "rebuilding": self.rebuilding, "rebuild_error": self.rebuild_error, "ec_stats": self.stats}
 

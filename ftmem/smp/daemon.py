@@ -391,13 +391,37 @@ class SnapshotDaemon:
     def _update_complete(self, rank: int) -> None:
         self.tracker.set_complete(rank, self.store.of(rank).complete())
         self.tracker.evaluate()
+        self._release_departed()
         if self.cluster is not None:
             self.cluster.broadcast_report()
+
+    def _release_departed(self) -> None:
+        """Free the buffers of ranks that left this node (a re-rendezvous moved them to another node, or the world
+        shrank). A rank that runs here keeps the committed step here (the reuse rule pins it), so one whose
+        snapshots here are all older than the committed step has left, and no restore reads them; they go once
+        the erasure code no longer needs them (protected and running rounds' steps) and nothing writes them.
+        Without this every move would leave the rank's whole set of buffers in /dev/shm until the job ends."""
+        committed = self.tracker.committed
+        in_use = self.cluster.in_use() if self.cluster is not None else frozenset()
+        if committed is None or in_use is None:
+            return
+        for rank, rb in list(self.store.ranks.items()):
+            steps = {b.complete_step for b in rb.buffers} - {None}
+            if (not steps or max(steps) >= committed or steps & in_use
+                    or any(b.header.state == BufferState.WRITING for b in rb.buffers)
+                    or any(r == rank for r, _ in self.transfers)):
+                continue
+            freed = self.store.release(rank)
+            self.tracker.set_complete(rank, set())
+            log.info("released rank %d's buffers (%.1f MB): its snapshots here end at step %d and the job committed "
+                     "step %d without them (the rank runs on another node now, or left the job)", rank, freed / 1e6,
+                     max(steps), committed)
 
     refresh_rank = _update_complete
 
     def on_commit_state_changed(self) -> None:
         """Peers reported, a round ended or a rebuild finished: re-evaluate and serve what was waiting."""
         self.tracker.evaluate()
+        self._release_departed()
         self._retry_pending(self._sock)
 
