@@ -1173,9 +1173,10 @@ def report(r: dict, plan: SimpleNamespace, args: argparse.Namespace, elapsed: fl
           f"k=2 n=3 f=1, chunk {chunk / 2**20:.2f} MiB; each SMP encodes the {share['node_stripes']} stripes it "
           f"holds parity for: {node_in / 1e6:.1f} MB of input per round")
     has_paused = "paused_step" in ec
-    # the round of the paused step only: one of a step committed as the workers were stopped may overlap training
-    paused = [x["last_round_s"] for x in ec["paused_rounds"]
-              if x.get("last_round_step") == ec.get("paused_step")] if has_paused else []
+    # the paused window's last round only (the newest step it protected): an earlier one, of a step committed as
+    # the workers were let through, may have overlapped their step
+    newest = max((x.get("last_round_step") or -1 for x in ec.get("paused_rounds", [])), default=None)
+    paused = [x["last_round_s"] for x in ec["paused_rounds"] if x.get("last_round_step") == newest] if has_paused else []
     training = [x["last_round_s"] for x in ec["rounds"]]
     raw_idle_share = min(w for w, _ in r["raw_idle"]) * node_in / (share["stripes"] * k * chunk)
     rows = []
@@ -1192,7 +1193,7 @@ def report(r: dict, plan: SimpleNamespace, args: argparse.Namespace, elapsed: fl
     if has_paused:
         raw_p = min(w for w, _ in ec["paused_raw"])
         raw_p_cpu = min(c for _, c in ec["paused_raw"])
-        smp_row(f"SMP round, workers paused (step {ec['paused_step']}; 1 per SMP)", paused)
+        smp_row(f"SMP round, workers paused (step {newest}; 1 per SMP)", paused)
         raw_row("raw zfec, same moment (workers paused), best", len(ec["paused_raw"]), raw_p, paused)
     smp_row("SMP round while training (every round seen in the window)", training)
     if ec["loaded"]:

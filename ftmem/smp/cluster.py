@@ -346,8 +346,9 @@ class Cluster:
         committed = self.d.tracker.committed
         if self.rebuilding or not self.schedule.due(committed, now):
             return
-        if not all(self.alive(m) for m in self.members):
-            return
+        if not all(self.alive(m) for m in self.members) or any(self.peers[m].rebuilding for m in self.members
+                                                                if m != self.node):
+            return  # a member being rebuilt could not take part; once rebuilt it reports, and the round starts
         self.leading = _Round(committed, now + self.d.timeout,
                               {m: self.incarnation if m == self.node else self.peers[m].incarnation
                                for m in self.members})
