@@ -42,6 +42,11 @@ class CommitTracker:
                 out |= by_rank.get(rank, set())
         return out
 
+    def newest_elsewhere(self, rank: int) -> int | None:
+        """The newest step `rank` has complete at a peer (not in this SMP's own buffers)."""
+        steps = [s for src, by_rank in self._sources.items() if src != LOCAL for s, _ in by_rank.get(rank, ())]
+        return max(steps, default=None)
+
     def holders(self, rank: int, snap: Snap) -> list[int]:
         return [src for src, by_rank in self._sources.items() if snap in by_rank.get(rank, set())]
 

@@ -396,26 +396,30 @@ class SnapshotDaemon:
             self.cluster.broadcast_report()
 
     def _release_departed(self) -> None:
-        """Free the buffers of ranks that left this node (a re-rendezvous moved them to another node, or the world
-        shrank). A rank that runs here keeps the committed step here (the reuse rule pins it), so one whose
-        snapshots here are all older than the committed step has left, and no restore reads them; they go once
-        the erasure code no longer needs them (protected and running rounds' steps) and nothing writes them.
-        Without this every move would leave the rank's whole set of buffers in /dev/shm until the job ends."""
+        """Free the buffers of ranks that moved to another node at a re-rendezvous: the job committed a step
+        newer than all of a rank's snapshots here, and a peer holds a newer one of it, so no restore reads these;
+        they go once the erasure code no longer needs them (protected and running rounds' steps) and nothing
+        writes them. Without this every move would leave a whole set of buffers in /dev/shm until the job ends.
+        (A rank that runs here can also lag the committed step here, when its copy of it was found corrupt: the
+        peer's newer copy is what tells a move apart.)"""
         committed = self.tracker.committed
-        in_use = self.cluster.in_use() if self.cluster is not None else frozenset()
+        in_use = self.cluster.in_use() if self.cluster is not None else None
         if committed is None or in_use is None:
             return
         for rank, rb in list(self.store.ranks.items()):
             steps = {b.complete_step for b in rb.buffers} - {None}
-            if (not steps or max(steps) >= committed or steps & in_use
+            if not steps or max(steps) >= committed or steps & in_use:
+                continue
+            elsewhere = self.tracker.newest_elsewhere(rank)
+            if (elsewhere is None or elsewhere <= max(steps)
                     or any(b.header.state == BufferState.WRITING for b in rb.buffers)
                     or any(r == rank for r, _ in self.transfers)):
                 continue
             freed = self.store.release(rank)
             self.tracker.set_complete(rank, set())
-            log.info("released rank %d's buffers (%.1f MB): its snapshots here end at step %d and the job committed "
-                     "step %d without them (the rank runs on another node now, or left the job)", rank, freed / 1e6,
-                     max(steps), committed)
+            log.info("released rank %d's buffers (%.1f MB): its snapshots here end at step %d, the job committed "
+                     "step %d and a peer holds its step %d (the rank runs on another node now)", rank, freed / 1e6,
+                     max(steps), committed, elsewhere)
 
     refresh_rank = _update_complete
 
