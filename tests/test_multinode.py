@@ -278,9 +278,10 @@ def test_peer_smp_killed_while_serving_a_rebuild(cluster):
 
 
 def test_smp_restarted_while_training_stalls_is_protected_again(cluster, golden):
-    """A restarted SMP re-adopts its snapshots but not its parity. Its group leader protects the newest committed
-    step again at once, even while training is stalled and commits nothing new, so a node lost next is still
-    rebuilt (node 2's data shares stripes with node 1's parity) and the job ends bit-identically."""
+    """A restarted SMP re-adopts its snapshots and the parity of the protected step (so its group stays
+    protected); its group leader also protects the newest committed step again at once, even while training is
+    stalled and commits nothing new. A node lost next is still rebuilt (node 2's data shares stripes with node
+    1's parity) and the job ends bit-identically."""
     k = random.Random(SEED + 4).randint(6, 14)
     print(f"FTMEM_TEST_SEED={SEED}: training stalls after step {k}; node 1's SMP dies, then node 2 whole")
     expected = golden(3, *DIM)
@@ -318,6 +319,7 @@ def test_smp_restarted_while_training_stalls_is_protected_again(cluster, golden)
     cluster.wait_until(lambda: all_protected(old_smp), 60, "node 1's restarted SMP to be protected again",
                        interval=0.5)
     assert "re-adopted" in cluster.smp_log(1), cluster.logs()
+    assert f"re-adopted the parity of protected step {step}" in cluster.smp_log(1), cluster.logs()
     assert statuses()[0]["committed"] == step, "training was stalled: nothing new may commit"
     job.kill(2)
     for i in (0, 1):

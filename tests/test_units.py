@@ -685,3 +685,42 @@ def test_lead_schedule_retries_a_failed_step_with_backoff_but_never_delays_a_new
     assert s.finished(True, 0.0) is None and s.failures == 0
     s.member_restarted()
     assert s.due(6, 0.0), "a member lost its parity: the newest step is protected again"
+
+
+# ------------------------------------------------------------------------------------------ parity re-adoption
+
+
+def test_a_restarted_smp_takes_over_the_protected_parity_and_nothing_else():
+    from ftmem.smp.parity import ParityStore
+
+    prefix = f"ftmem-unit-{uuid.uuid4().hex[:8]}.n0."
+    try:
+        first = ParityStore(prefix)
+        assert first.adopted is None
+        seg = first.work(5, 8192)
+        first.write(seg, 0, b"p" * 8192)
+        first.promote(5, b"meta of step 5")
+        busy = first.work(6, 8192)  # a round in progress when the SMP dies
+        first.write(busy, 0, b"x" * 100)
+        del first  # killed: nothing closed or unlinked
+
+        second = ParityStore(prefix)
+        assert second.adopted == (5, b"meta of step 5")
+        assert second.protected_step == 5 and second.read(5, 0, 8192) == b"p" * 8192
+        assert len(shm.list_segments(f"{prefix}parity")) == 1, "the unfinished round's slot must be removed"
+        nxt = second.work(7, 8192)
+        assert nxt.name != seg.name, "the next round must not overwrite the adopted parity"
+        second.drop_adopted()
+        assert second.protected_step is None and ParityStore(prefix).adopted is None
+
+        third = ParityStore(prefix)
+        third.promote(7, b"x")  # no round of step 7 in progress here: nothing recorded
+        assert ParityStore(prefix).adopted is None
+        with open(os.path.join(shm.shm_dir(), f"{prefix}protected.meta"), "wb") as f:
+            f.write(b"\xc1 not msgpack")
+        assert ParityStore(prefix).adopted is None, "a garbled record is ignored"
+        ParityStore(prefix).close(unlink_all=True)
+    finally:
+        for name in shm.list_segments(prefix):
+            shm.unlink(name)
+    assert shm.list_segments(prefix) == []

@@ -197,8 +197,28 @@ class Cluster:
         log.info("peer endpoint %s; EC group %s with %d parity", endpoint, list(self.members), self.cfg.ec_parity)
         if self.d.store.has_complete():
             self.rebuilding = False
+            self._readopt_parity()
         else:
             self.jobs.put(("probe",))
+
+    def _readopt_parity(self) -> None:
+        """A restarted SMP keeps the group protected: the parity its previous incarnation left is taken over
+        when it was computed for this group and this node's re-adopted snapshots are still what it encoded."""
+        if self.parity.adopted is None:
+            return
+        step, meta_bytes = self.parity.adopted
+        try:
+            self.meta = meta = GroupMeta.unpack(meta_bytes)
+            if meta.step != step or meta.members != self.members or meta.f != self.cfg.ec_parity:
+                raise LookupError(f"it was computed for EC group {list(meta.members)} with {meta.f} parity")
+            self._node_data(step)  # LookupError unless this node's data of the step is what was encoded
+        except (LookupError, ValueError, TypeError) as exc:
+            log.warning("not re-adopting the parity of step %d: %s", step, exc)
+            self.meta = None
+            self.parity.drop_adopted()
+            return
+        self.protected = step
+        log.info("re-adopted the parity of protected step %d", step)
 
     # ---- event loop hooks ------------------------------------------------------------------------------------
 
@@ -398,7 +418,7 @@ class Cluster:
         if ok and self.pending_meta is not None and self.pending_meta.step == step:
             committed = self.d.tracker.committed
             self.stats["lag_steps"] = 0 if committed is None else committed - step
-            self.parity.promote(step)
+            self.parity.promote(step, self.pending_meta.pack())
             self.meta, self.protected = self.pending_meta, step
             log.debug("step %d is protected (EC group %s)", step, list(self.members))
         if self.member_round is not None and self.member_round.step == step:
@@ -553,7 +573,7 @@ class Cluster:
             self.d.store.of(rank).buffers[0].write_header(
                 Header.unpack(header_bytes), origin=f"erasure code (rebuilt from nodes {list(meta.members)})")
             self.d.refresh_rank(rank)
-        self.parity.promote(meta.step)
+        self.parity.promote(meta.step, meta.pack())
         self.meta, self.protected, self.rebuilding = meta, meta.step, False
         self.stats["rebuild_s"] = time.monotonic() - self._rebuild_started
         log.info("rebuilt node %d's snapshot of step %d in %.2fs", self.node, meta.step, self.stats["rebuild_s"])

@@ -1,25 +1,71 @@
-"""Parity memory of one SMP: the protected step's parity (served to peers) and the round being computed."""
+"""Parity memory of one SMP: the protected step's parity (served to peers) and the round being computed.
+
+A promoted slot is never written again (the next round takes the other one), so a record naming it, written
+atomically at each promotion, lets a restarted SMP take the protected parity over instead of leaving its group
+unprotected until the next round.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 
-from ftmem.smp.shm import Segment, list_segments, unlink
+import msgpack
+
+from ftmem.smp.shm import Segment, list_segments, shm_dir, unlink
+
+_GEN = re.compile(r"\.g(\d+)$")
 
 
 class ParityStore:
     """Two shared-memory slots, allocated once and grown only when a round needs more."""
 
     def __init__(self, prefix: str) -> None:
-        # parity left by a previous incarnation of this SMP is not re-adopted (what it was computed over died
-        # with that process; the group leader re-protects the newest step instead): free its names and memory
-        for stale in list_segments(f"{prefix}parity"):
-            unlink(stale)
         self._prefix = prefix
+        self._record = os.path.join(shm_dir(), f"{prefix}protected.meta")
         self._slots: list[Segment | None] = [None, None]
         self._steps: list[int | None] = [None, None]
         self._gen = 0
         self._lock = threading.Lock()
+        self.adopted: tuple[int, bytes] | None = self._adopt()
+
+    def _adopt(self) -> tuple[int, bytes] | None:
+        """Take over the protected slot a previous incarnation of this SMP left: (step, group meta) of its
+        record, or None. Every other parity segment (a round in progress when it died) is removed."""
+        found = None
+        try:
+            with open(self._record, "rb") as f:
+                name, step, meta = msgpack.unpackb(f.read(), raw=False)
+            if (name.startswith(f"{self._prefix}parity") and type(step) is int
+                    and os.path.exists(os.path.join(shm_dir(), name))):
+                self._slots[0], self._steps[0], found = Segment.open(name, populate=False), step, (step, bytes(meta))
+                self._gen = int(_GEN.search(name).group(1))
+        except (OSError, ValueError, TypeError, AttributeError, msgpack.UnpackException):
+            found = None
+        keep = self._slots[0].name if found else None
+        for stale in list_segments(f"{self._prefix}parity"):
+            if stale != keep:
+                unlink(stale)
+        if not found:
+            self._forget_record()
+        return found
+
+    def drop_adopted(self) -> None:
+        """The adopted parity does not match this node's data (its snapshots changed): free it."""
+        with self._lock:
+            if self._slots[0] is not None and self.adopted is not None:
+                self._slots[0].close()
+                self._slots[0].unlink()
+                self._slots[0], self._steps[0] = None, None
+            self.adopted = None
+            self._forget_record()
+
+    def _forget_record(self) -> None:
+        try:
+            os.unlink(self._record)
+        except FileNotFoundError:
+            pass
 
     def work(self, step: int, nbytes: int) -> Segment:
         """The slot not holding the protected step, sized for `nbytes`, claimed for `step`."""
@@ -41,11 +87,17 @@ class ParityStore:
         valid = [s for s in self._steps if s is not None and s >= 0]
         return max(valid) if valid else None
 
-    def promote(self, step: int) -> None:
+    def promote(self, step: int, meta: bytes) -> None:
+        """`step`'s round succeeded on the whole group: its slot becomes the protected one, recorded with `meta`
+        (what it was computed over) for a restarted SMP; the other slot is free for the next round."""
         with self._lock:
             for i, s in enumerate(self._steps):
                 if s == -1 - step:
                     self._steps[i] = step
+                    tmp = f"{self._record}.tmp"
+                    with open(tmp, "wb") as f:
+                        f.write(msgpack.packb([self._slots[i].name, step, meta], use_bin_type=True))
+                    os.replace(tmp, self._record)
                 elif s is not None and s >= 0 and s != step:
                     self._steps[i] = None
 
@@ -68,4 +120,6 @@ class ParityStore:
                 seg.close()
                 if unlink_all:
                     seg.unlink()
+        if unlink_all:
+            self._forget_record()
         self._slots = [None, None]
