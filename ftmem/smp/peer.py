@@ -3,7 +3,7 @@
 Wire format, one zmq multipart message: ``[mac, header, *blobs]``. `mac` is keyed BLAKE3 (32 bytes) over the
 header and every blob, each preceded by its length as 8 little-endian bytes, keyed with
 ``blake3(secret, derive_key_context=MAC_CONTEXT)``. Keyed BLAKE3 is a MAC by design, like HMAC, and it hashes
-the 16 MiB data frames of an erasure-coding round on every core at 2-4x HMAC-SHA256's speed (which was 43% of
+the data frames of an erasure-coding round at about twice HMAC-SHA256's speed per core (HMAC-SHA256 was 42% of
 the encode path's CPU, both ends counted). The header is a msgpack map with `op`, `id`, `job` and `from` checked
 against PEER_SCHEMA. A frame with a wrong or missing MAC, for another job, oversized or malformed is dropped
 with a log line, before any field of it is used. No pickle.
@@ -65,7 +65,9 @@ class PeerCodec:
         self.node = node
 
     def _mac(self, parts: Sequence[bytes | memoryview]) -> bytes:
-        mac = blake3(key=self._key, max_threads=blake3.AUTO)  # large frames are hashed on every core
+        # one thread: a round already hashes on several (serving loop, receiver, beside the coder), and BLAKE3's
+        # own threads cost ~40% more CPU per byte, which a node's training needs
+        mac = blake3(key=self._key)
         for p in parts:
             mac.update(len(p).to_bytes(8, "little"))
             mac.update(p)
