@@ -146,6 +146,16 @@ def test_commit_tracker_missing_names_the_ranks_a_commit_waits_for():
     assert CommitTracker().missing(1, 0) == []
 
 
+def test_commit_tracker_knows_when_a_committed_step_is_no_longer_held_by_every_rank():
+    t = _tracker(2, {0: {(7, 1)}, 1: {(7, 1)}})
+    t.set_complete(1, {(7, 1)}, source=3)  # rank 1's copy at node 3 (a peer's report), not this SMP's
+    t.set_complete(1, set())
+    assert t.evaluate() and t.committed == 7 and t.held_by_all(7)
+    t.set_source(3, {})  # node 3 died (a replacement reports nothing yet): rank 1's step 7 is gone
+    assert t.committed == 7 and not t.held_by_all(7), "committed stays; the leader must not protect it"
+    assert not CommitTracker().held_by_all(0)
+
+
 @pytest.mark.parametrize("steps, committed, newest, expected", [
     ([None, None], None, None, [0, 1]),
     ([0, None], 0, 0, [1]),

@@ -364,8 +364,8 @@ class Cluster:
                 self._finish_round(False)
             return
         committed = self.d.tracker.committed
-        if self.rebuilding or not self.schedule.due(committed, now):
-            return
+        if self.rebuilding or not self.schedule.due(committed, now) or not self.d.tracker.held_by_all(committed):
+            return  # (not held by all: a node died with its ranks' copies; the restore will restart the job)
         if not all(self.alive(m) for m in self.members) or any(self.peers[m].rebuilding for m in self.members
                                                                 if m != self.node):
             return  # a member being rebuilt could not take part; once rebuilt it reports, and the round starts

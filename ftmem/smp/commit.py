@@ -69,6 +69,11 @@ class CommitTracker:
             return True
         return False
 
+    def held_by_all(self, step: int) -> bool:
+        """Whether every rank still has `step` complete somewhere (a lost node takes its ranks' copies along,
+        while `committed` stays until the restore restarts the job)."""
+        return bool(self.world) and all(any(s == step for s, _ in self.complete(r)) for r in range(self.world))
+
     def missing(self, step: int, epoch: int) -> list[int]:
         """Ranks that have not completed (step, epoch): what a stuck commit is waiting for."""
         return [r for r in range(self.world or 0) if (step, epoch) not in self.complete(r)]
