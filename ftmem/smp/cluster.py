@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = get_logger("smp")
 HEARTBEAT_S = 1.0
 PEER_TIMEOUT_S = max(5.0, 5 * HEARTBEAT_S)  # a peer silent this long is gone
+HANDLE_BUDGET_S = 0.2 * HEARTBEAT_S
 RETRY_S, RETRY_MAX_S = 1.0, 30.0  # a failed round's step is led again after this, doubling while rounds fail
 EVENTS = "inproc://ftmem-events"
 
@@ -226,7 +227,10 @@ class Cluster:
         return [s for s in (self.events, self.sock) if s is not None]
 
     def handle(self, sock: zmq.Socket) -> None:
-        while True:
+        """Handle what is queued on `sock`, for at most HANDLE_BUDGET_S: a queue of data reads (16 MiB each, slow on
+        a niced SMP beside training) must not hold back the tick, whose heartbeats tell peers this node lives."""
+        deadline = time.monotonic() + HANDLE_BUDGET_S
+        while time.monotonic() < deadline:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
