@@ -85,6 +85,10 @@ class _Peer:
     rebuilding: bool = True  # until its first report: a new incarnation may be a replacement that rebuilds
     discovered: float = field(default_factory=time.monotonic)
 
+    def awaiting_first_report(self, now: float) -> bool:
+        """Discovered (in the store) but not heard from yet, for less than PEER_TIMEOUT_S: likely alive."""
+        return self.last_seen == 0.0 and now - self.discovered < PEER_TIMEOUT_S
+
 
 @dataclass
 class _Round:
@@ -256,7 +260,7 @@ class Cluster:
         rebuilt, else the configured nice."""
         now = time.monotonic()
         recovering = self.rebuilding or any(
-            p.rebuilding and (self.alive(n) or (p.last_seen == 0.0 and now - p.discovered < PEER_TIMEOUT_S))
+            p.rebuilding and (self.alive(n) or p.awaiting_first_report(now))
             for n, p in self.peers.items() if n in self.members)
         nice = 0 if recovering else self.cfg.nice
         if nice != self.priority.nice and self.priority.set(nice):
@@ -289,7 +293,7 @@ class Cluster:
         heartbeat (bounded by PEER_TIMEOUT_S) before it counts as gone. A restarted SMP can be asked to take part
         in a round, by a leader that sees every member alive, before the other members' reports reach it."""
         peer = self.peers.get(node)
-        while peer is not None and peer.last_seen == 0.0 and time.monotonic() - peer.discovered < PEER_TIMEOUT_S:
+        while peer is not None and peer.awaiting_first_report(time.monotonic()):
             time.sleep(0.05)
 
     def _send(self, node: int, op: str, **fields: Any) -> None:

@@ -37,11 +37,11 @@ class ParityStore:
         try:
             with open(self._record, "rb") as f:
                 name, step, meta = msgpack.unpackb(f.read(), raw=False)
-            if (name.startswith(f"{self._prefix}parity") and type(step) is int
-                    and os.path.exists(os.path.join(shm_dir(), name))):
+            gen = _GEN.search(name) if name.startswith(f"{self._prefix}parity") else None
+            if gen and type(step) is int and os.path.exists(os.path.join(shm_dir(), name)):
                 self._slots[0], self._steps[0], found = Segment.open(name, populate=False), step, (step, bytes(meta))
-                self._gen = int(_GEN.search(name).group(1))
-        except (OSError, ValueError, TypeError, AttributeError, msgpack.UnpackException):
+                self._gen = int(gen.group(1))
+        except (OSError, ValueError, TypeError, msgpack.UnpackException):
             found = None
         keep = self._slots[0].name if found else None
         for stale in list_segments(f"{self._prefix}parity"):
