@@ -17,7 +17,7 @@ one run, and reported as ratios:
    while the job trains and with no job running. The SMPs' CPU seconds per paused round (psutil, all 3)
    against raw zfec's compare the work done, independently of contention. The SMP's round is not just zfec:
    it fetches every chunk from its owner over the peer protocol (zmq TCP on loopback, 16 MiB requests, three
-   batches in flight), with a keyed-BLAKE3 MAC of every frame on both ends, copies out of shared memory on the
+   batches in flight), with a Poly1305 MAC of every frame on both ends, copies out of shared memory on the
    serving side, pads short chunks and writes parity to shared memory. A breakdown table times each of those
    steps (wall and CPU) on the same amount of data in this process, with ftmem's own NodeData / PeerCodec /
    encode_parity, to show where the time goes. Also: rounds ok / failed and why (SMP log), lag at the kill.
@@ -788,7 +788,7 @@ def pipeline_breakdown(share: dict, repeat: int) -> dict[str, float]:
     """Time each step an SMP's encode round applies to its input, on the same bytes, in this process (idle).
 
     Uses ftmem's own pieces where they exist: NodeData.read (the serving side's copy out of shared memory),
-    PeerCodec.pack / unpack (keyed BLAKE3 on send and receive), zmq ROUTER/DEALER over tcp loopback in 16 MiB
+    PeerCodec.pack / unpack (ChaCha20-Poly1305 tag on send and receive), zmq ROUTER/DEALER over tcp loopback in 16 MiB
     replies (send and receive copy=False, as PeerLink does), ftmem.erasure.encode_parity, and the parity
     write into a shared mapping. The round does them one after the other (one member at a time, then encode).
     """
@@ -912,7 +912,7 @@ def smp_path(endpoints: dict[int, str], secret: bytes, job: str, repeat: int, ti
 
     In the job all three SMPs encode at once, and here they share 2 cores with each other and with the peers
     serving them; on a cluster each has its own node's cores. This measures one SMP's path as it would run
-    there: real requests to real SMPs over TCP, keyed-BLAKE3 MACs on both ends, the pipelined coder, parity
+    there: real requests to real SMPs over TCP, Poly1305 MACs on both ends, the pipelined coder, parity
     written to shared memory. The SMPs only serve (reads of their committed step). Raw zfec runs between the
     repetitions, on random bytes of the same geometry. The rebuilt payload is checked against its commit-time
     checksums (bit-exact or the bench fails)."""

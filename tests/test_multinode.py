@@ -21,7 +21,9 @@ import msgpack
 import psutil
 import pytest
 import zmq
-from blake3 import blake3
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from conftest import EXAMPLE, Cluster, final_hash, free_port
 from ftmem.smp.peer import MAX_PEER_BYTES, PeerCodec, PeerLink
@@ -410,12 +412,12 @@ SECRET = "s3cret-for-ftmem-peer-tests-0001"  # 32 characters
 
 
 def _mac(secret: bytes, frames: list[bytes]) -> bytes:
-    """Keyed BLAKE3 over length-prefixed frames, as documented in ftmem/smp/peer.py (independent of PeerCodec)."""
-    mac = blake3(key=blake3(secret, derive_key_context="ftmem 2026-11 peer message MAC").digest())
-    for f in frames:
-        mac.update(len(f).to_bytes(8, "little"))
-        mac.update(f)
-    return mac.digest()
+    """The MAC documented in ftmem/smp/peer.py, independent of PeerCodec: nonce + ChaCha20-Poly1305's tag (one-shot
+    AEAD) of an empty plaintext with the length-prefixed frames as associated data, keyed by HKDF-SHA256."""
+    key = HKDF(SHA256(), 32, salt=None, info=b"ftmem 2026-11 peer message MAC").derive(secret)
+    nonce = os.urandom(12)
+    aad = b"".join(len(f).to_bytes(8, "little") + f for f in frames)
+    return nonce + ChaCha20Poly1305(key).encrypt(nonce, b"", aad)
 
 
 class Peers:
@@ -474,14 +476,18 @@ def test_peer_socket_drops_forged_and_malformed_messages(peers):
     def signed(hdr: bytes, *blobs: bytes) -> list[bytes]:
         return [_mac(secret, [hdr, *blobs]), hdr, *blobs]
 
-    garbled = bytearray(_mac(secret, [header]))
-    garbled[5] ^= 0x40
+    def garbled(at: int) -> bytes:
+        mac = bytearray(_mac(secret, [header]))
+        mac[at] ^= 0x40
+        return bytes(mac)
+
     big = bytes(129 << 20)  # under zmq's per-frame MAXMSGSIZE; two of them exceed MAX_PEER_BYTES
     cases = {
         "wrong secret": (PeerCodec(b"W" * 32, job, 1).pack("ec_status", 1), "bad or missing MAC"),
         "truncated (MAC frame only)": ([_mac(secret, [header])], "truncated"),
         "one empty frame": ([b""], "truncated"),
-        "garbled MAC": ([bytes(garbled), header], "bad or missing MAC"),
+        "garbled nonce": ([garbled(5), header], "bad or missing MAC"),
+        "garbled tag": ([garbled(20), header], "bad or missing MAC"),
         "short MAC": ([_mac(secret, [header])[:16], header], "bad or missing MAC"),
         "MAC of another header": ([_mac(secret, [header]), good.pack("manifest", 2, step=0)[1]], "bad or missing"),
         "blob appended after signing": ([*good.pack("ec_status", 3), b"extra"], "bad or missing MAC"),

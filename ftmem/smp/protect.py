@@ -76,7 +76,7 @@ def pipelined(batches: Sequence[B], request: Callable[[B], R], gather: Callable[
               code: Callable[[B, G], None]) -> None:
     """For each batch: `request` its blocks from peers, `gather` the replies, `code` them (zfec, then writes).
 
-    Three batches overlap: while batch i is coded on a thread of its own (zfec and BLAKE3 release the GIL), the
+    Three batches overlap: while batch i is coded on a thread of its own (zfec releases the GIL), the
     replies of batch i+1 are received and verified here and batch i+2 is already requested, so the peers serve
     it meanwhile. The round then takes about as long as its slowest stage, not the sum of them; memory in
     flight stays three batches."""
