@@ -612,14 +612,18 @@ def test_smp_priority_goes_down_and_back_up_where_the_kernel_allows():
 # ------------------------------------------------------------------------------------------ the round's pipeline
 
 
-def test_pipeline_codes_every_batch_in_order_while_the_next_is_gathered_with_two_requests_ahead_at_most():
+def test_pipeline_codes_two_batches_at_once_while_the_next_is_gathered_with_two_requests_ahead_at_most():
     import threading
 
-    from ftmem.smp.protect import pipelined
+    from ftmem.smp.protect import CODERS, pipelined
 
+    assert CODERS == 2
     events: list[tuple[str, int]] = []
     lock = threading.Lock()
-    gathered_next = {i: threading.Event() for i in range(6)}
+    gathered = {i: threading.Event() for i in range(6)}
+    coding_started = {i: threading.Event() for i in range(6)}
+    coding_now: set[int] = set()
+    most_at_once = 0
 
     def note(what: str, i: int) -> None:
         with lock:
@@ -633,18 +637,27 @@ def test_pipeline_codes_every_batch_in_order_while_the_next_is_gathered_with_two
 
     def gather(handle: int) -> str:
         note("gather", handle)
-        gathered_next[handle].set()
+        gathered[handle].set()
         return f"blocks of {handle}"
 
     def code(batch: int, got: str) -> None:
+        nonlocal most_at_once
         assert got == f"blocks of {batch}"
-        if batch + 1 < 6:  # coding overlaps gathering the next batch: it sees that gather happen
-            assert gathered_next[batch + 1].wait(10), f"batch {batch + 1} was not gathered while {batch} was coded"
+        with lock:
+            coding_now.add(batch)
+            most_at_once = max(most_at_once, len(coding_now))
+        coding_started[batch].set()
+        if batch + 1 < 6:  # two coders: batch i+1 is gathered and starts coding while batch i is still coded
+            assert gathered[batch + 1].wait(10), f"batch {batch + 1} was not gathered while {batch} was coded"
+            assert coding_started[batch + 1].wait(10), f"batch {batch + 1} was not coded beside {batch}"
+        with lock:
+            coding_now.discard(batch)
         note("code", batch)
 
     pipelined(list(range(6)), request, gather, code)
-    assert [b for w, b in events if w == "code"] == list(range(6))
+    assert sorted(b for w, b in events if w == "code") == list(range(6))
     assert [b for w, b in events if w == "gather"] == list(range(6))
+    assert most_at_once == 2  # overlapped, and never more than CODERS at once (memory in flight is bounded)
     for i in range(5):  # batch i+1 is requested before batch i is gathered (its peers serve meanwhile)
         assert events.index(("request", i + 1)) < events.index(("gather", i))
 

@@ -7,6 +7,7 @@ every read of a snapshot buffer is served by its owner's event loop, serialized 
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
@@ -19,6 +20,7 @@ from ftmem.smp.parity import ParityStore
 from ftmem.smp.peer import PeerLink
 
 BATCH_BYTES = 16 << 20  # per request: bounds the serving event loop's pause and the memory in flight
+CODERS = 2  # batches a round codes at once (see `pipelined`)
 B, R, G = TypeVar("B"), TypeVar("R"), TypeVar("G")
 
 
@@ -73,26 +75,29 @@ def collect(link: PeerLink, requests: list[tuple[int, str]], timeout: float) -> 
 
 
 def pipelined(batches: Sequence[B], request: Callable[[B], R], gather: Callable[[R], G],
-              code: Callable[[B, G], None]) -> None:
+              code: Callable[[B, G], None], coders: int = CODERS) -> None:
     """For each batch: `request` its blocks from peers, `gather` the replies, `code` them (zfec, then writes).
 
-    Three batches overlap: while batch i is coded on a thread of its own (zfec releases the GIL), the
-    replies of batch i+1 are received and verified here and batch i+2 is already requested, so the peers serve
-    it meanwhile. The round then takes about as long as its slowest stage, not the sum of them; memory in
-    flight stays three batches."""
+    The stages overlap: up to `coders` batches are coded at once, each on a thread of its own (zfec releases
+    the GIL), while the replies of the next batch are received and verified here and the one after it is
+    already requested, so the peers serve it meanwhile. Coding is the slowest stage, and a second coder uses
+    the core the other stages leave idle; the round then takes about as long as its coding, not the sum of the
+    stages. Memory in flight stays `coders` + 2 batches. Batches are coded in order of submission but may
+    finish out of order (each writes its own stripes)."""
     if not batches:
         return
-    with ThreadPoolExecutor(1, thread_name_prefix="ftmem-coder") as coder:
-        coding: Future | None = None
-        inflight = [request(batches[0])]
+    with ThreadPoolExecutor(coders, thread_name_prefix="ftmem-coder") as pool:
+        coding: deque[Future] = deque()
+        inflight = deque([request(batches[0])])
         for i, batch in enumerate(batches):
             if i + 1 < len(batches):
                 inflight.append(request(batches[i + 1]))
-            got = gather(inflight.pop(0))
-            if coding is not None:
-                coding.result()
-            coding = coder.submit(code, batch, got)
-        coding.result()
+            got = gather(inflight.popleft())
+            while len(coding) >= coders:
+                coding.popleft().result()
+            coding.append(pool.submit(code, batch, got))
+        for done in coding:
+            done.result()
 
 
 def encode_round(step: int, node: int, members: tuple[int, ...], f: int,
