@@ -16,8 +16,8 @@ one run, and reported as ratios:
    apples-to-apples comparison on a machine where ranks and SMPs share the cores). Raw zfec is also timed
    while the job trains and with no job running. The SMPs' CPU seconds per paused round (psutil, all 3)
    against raw zfec's compare the work done, independently of contention. The SMP's round is not just zfec:
-   it fetches every chunk from its owner over the peer protocol (zmq TCP on loopback, 16 MiB requests, three
-   batches in flight), with a Poly1305 MAC of every frame on both ends, copies out of shared memory on the
+   it fetches every chunk from its owner over the peer protocol (zmq TCP on loopback, 16 MiB requests, two
+   batches coded at once while the next is received and the one after served), with a Poly1305 MAC of every frame on both ends, copies out of shared memory on the
    serving side, pads short chunks and writes parity to shared memory. A breakdown table times each of those
    steps (wall and CPU) on the same amount of data in this process, with ftmem's own NodeData / PeerCodec /
    encode_parity, to show where the time goes. Also: rounds ok / failed and why (SMP log), lag at the kill.
