@@ -5,7 +5,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 STAMP="$VENV/.ftmem-pyproject"
 if [ ! -x "$VENV/bin/ftmem-run" ] || ! cmp -s "$ROOT/pyproject.toml" "$STAMP"; then
-  echo "setting up $VENV (torch 2.13.0 CPU, zfec, pyzmq, msgpack, psutil, numpy, crc32c, blake3, pytest)..." >&2
+  echo "setting up $VENV (torch 2.13.0 CPU, zfec, pyzmq, msgpack, psutil, numpy, crc32c, cryptography, pytest)..." >&2
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
   "$VENV/bin/pip" install -q "torch==2.13.0" pytest
