@@ -1,8 +1,9 @@
 """One erasure-coding round on a group member: compute this node's parity blocks for a committed step.
 
-Runs on the SMP's worker thread (and its coder thread), never on the training path. Data is pulled from the
-group's members (this node included) over the peer protocol in batches of stripes, so memory stays bounded and
-every read of a snapshot buffer is served by its owner's event loop, serialized with buffer reuse.
+Runs on the SMP's worker thread (and its coder threads), never on the training path. Data is pulled from the
+other members (no node holds parity for data it holds) over the peer protocol in batches of stripes, so memory
+stays bounded and every read of a snapshot buffer is served by its owner's event loop, serialized with buffer
+reuse.
 """
 
 from __future__ import annotations
