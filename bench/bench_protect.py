@@ -21,10 +21,12 @@ one run, and reported as ratios:
    serving side, pads short chunks and writes parity to shared memory. A breakdown table times each of those
    steps (wall and CPU) on the same amount of data in this process, with ftmem's own NodeData / PeerCodec /
    encode_parity, to show where the time goes. Also: rounds ok / failed and why (SMP log), lag at the kill.
-   **The SMP path alone** (`smp_path`): still paused, the bench runs ftmem's own `encode_round` for each member
-   and `rebuild_node` for node 2 in its own process, against the three live SMPs (serving only), and raw zfec
-   between the repetitions: one SMP's encode and decode path without the other two encoding on the same cores,
-   as on a cluster where each has its own node. The rebuilt data must pass its commit-time checksums.
+   **The SMP path alone** (`smp_path`): still paused, the bench runs ftmem's own `encode_round` (members in
+   turn) and `rebuild_node` for node 2 against the three live SMPs (serving only), in a child process run as an
+   SMP (a session of its own at the SMPs' nice, glibc keeping freed frames), each right after raw zfec on the
+   same stripes in that process: one SMP's encode and decode path without the other two encoding on the same
+   cores, as on a cluster where each has its own node. The ratio is the median over these pairs (and best vs
+   best). The rebuilt data must pass its commit-time checksums.
 2. **Rebuild.** After the measured steps and the paused window node 2 is killed whole
    (`ftmem.chaos.kill_node`: launcher, worker, SMP, segments) right after a step line, and a replacement
    node 2 is started at once. Its SMP log gives
@@ -80,7 +82,6 @@ import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "train_gpt.py"
@@ -515,6 +516,18 @@ def wait_smps_quiet(procs: dict, timeout: float, threshold: float = 0.10, period
     raise BenchError(f"the SMPs did not go quiet within {timeout:.0f}s")
 
 
+def smp_nice(pid: int) -> int:
+    """The nice an SMP runs at: its autogroup's (what counts with autogrouping, see ftmem.smp.process), else
+    its own."""
+    import psutil
+
+    try:
+        with open(f"/proc/{pid}/autogroup") as f:
+            return int(f.read().split("nice")[1])
+    except (OSError, IndexError, ValueError):
+        return psutil.Process(pid).nice()
+
+
 def signal_all(procs: list, sig: int) -> None:
     import psutil
 
@@ -639,9 +652,8 @@ def run_ec_job(sess: Session, args: argparse.Namespace, plan: SimpleNamespace) -
         ok_b = {i: dict((poller.latest(i) or {}).get("ec_stats") or {}) for i in range(3)}
         paused_raw = raw_reps(plan.repeat)
         endpoints = {i: (poller.latest(i) or {}).get("endpoint") for i in range(3)}
-        path = smp_path(endpoints, secret.encode(), job, plan.repeat, args.timeout, lambda: raw_reps(1)[0])
-        path["raw_rebuild"] = raw_rebuild_s(share, path["node2_bytes"], plan.repeat)
-        out["path"] = path
+        out["path_nice"] = smp_nice(smps[0].pid)
+        out["path"] = run_smp_path(endpoints, secret, job, out["path_nice"], 3 * plan.repeat, args.timeout)
         stopped = []
         signal_all(workers, signal.SIGCONT)
         out.update(paused_step=x, paused_rounds=poller.rounds(t_cont, time.time()), paused_cpu=cpu_b - cpu_a,
@@ -881,47 +893,84 @@ def pipeline_breakdown(share: dict, repeat: int) -> dict[str, float]:
     return per_pass
 
 
-def raw_rebuild_s(share: dict, node_bytes: int, repeat: int) -> dict:
-    """Raw zfec for the stripes a replacement of member 2 rebuilds: decode its data stripes, encode its parity."""
-    import zfec
+class RawRebuild:
+    """Raw zfec for the stripes a replacement of `node` rebuilds: decode its data stripes from the other blocks,
+    encode its parity stripes; random bytes of the layout's geometry."""
 
+    def __init__(self, layout, node: int) -> None:
+        import zfec
+
+        k, n, chunk = layout.k, layout.n, layout.chunk_size
+        data_t, par_t = layout.data_stripes(node), layout.parity_stripes(node)
+        count = max(len(data_t), len(par_t))
+        stripes = stripes_of(random_buffer(count * k * chunk), k, chunk, count)
+        self.k, self.n, self.enc, self.dec = k, n, zfec.Encoder(k, n), zfec.Decoder(k, n)
+        self.inputs = []
+        for i, t in enumerate(data_t):
+            lost = layout.block_number(t, node)
+            (par,) = self.enc.encode(stripes[i], (k,))
+            other = [b for b in range(k) if b != lost]
+            self.inputs.append((tuple(stripes[i][b] for b in other) + (par,), tuple(other) + (k,)))
+        self.parity_inputs = stripes[:len(par_t)]
+        self.info = {"data_bytes": layout.sizes[node], "parity_bytes": len(par_t) * chunk,
+                     "data_stripes": len(data_t), "parity_stripes": len(par_t)}
+
+    def time(self) -> tuple[float, float]:
+        """(decode s, encode s) of one pass."""
+        start = time.perf_counter()
+        for blocks, nums in self.inputs:
+            self.dec.decode(blocks, nums)
+        return time.perf_counter() - start, raw_encode_s(self.parity_inputs, self.k, self.n)
+
+
+def raw_rebuild_s(share: dict, node_bytes: int, repeat: int) -> dict:
+    """Best of `repeat` RawRebuild passes for member 2 of the share's layout holding `node_bytes`."""
     from ftmem.erasure import StripeLayout
 
-    k, n, chunk = share["k"], 3, share["chunk"]
-    sizes = share["sizes"][:2] + (node_bytes,)
-    layout = StripeLayout(n, 1, chunk, sizes)
-    data_t, par_t = layout.data_stripes(2), layout.parity_stripes(2)
-    buf = random_buffer(max(len(data_t), len(par_t)) * k * chunk)
-    stripes = stripes_of(buf, k, chunk, max(len(data_t), len(par_t)))
-    enc, dec = zfec.Encoder(k, n), zfec.Decoder(k, n)
-    inputs = []
-    for i, t in enumerate(data_t):
-        lost = layout.block_number(t, 2)
-        (par,) = enc.encode(stripes[i], (k,))
-        other = [b for b in range(k) if b != lost]
-        inputs.append((tuple(stripes[i][b] for b in other) + (par,), tuple(other) + (k,)))
-    dec_s, enc_s = [], []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        for blocks, nums in inputs:
-            dec.decode(blocks, nums)
-        dec_s.append(time.perf_counter() - start)
-        enc_s.append(raw_encode_s(stripes[:len(par_t)], k, n))
-    return {"decode_s": min(dec_s), "encode_s": min(enc_s), "data_bytes": node_bytes,
-            "parity_bytes": len(par_t) * chunk, "data_stripes": len(data_t), "parity_stripes": len(par_t)}
+    raw = RawRebuild(StripeLayout(3, 1, share["chunk"], share["sizes"][:2] + (node_bytes,)), 2)
+    passes = [raw.time() for _ in range(repeat)]
+    return {"decode_s": min(d for d, _ in passes), "encode_s": min(e for _, e in passes), **raw.info}
 
 
-def smp_path(endpoints: dict[int, str], secret: bytes, job: str, repeat: int, timeout: float,
-             raw_encode: Callable[[], tuple[float, float]]) -> dict:
-    """ftmem's own `encode_round` and `rebuild_node`, run in this process against the job's live SMPs (workers
-    paused): one member's encode path, and node 2's rebuild from nodes 0 and 1, each alone on the machine.
+def run_smp_path(endpoints: dict[int, str], secret: str, job: str, nice: int, repeat: int,
+                 timeout: float) -> dict:
+    """`smp_path` in a child process that runs as an SMP does: a session (autogroup) of its own at the nice the
+    job's SMPs have now, and glibc keeping freed frames (`keep_freed_memory`). Measured from this process it
+    would be neither: at nice 0 it would take the cores from the niced SMPs serving it, and each 16 MiB reply
+    would land in fresh pages."""
+    spec = json.dumps({"endpoints": endpoints, "job": job, "nice": nice, "repeat": repeat, "timeout": timeout})
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--smp-path", spec], capture_output=True,
+                          text=True, env={**os.environ, "FTMEM_SECRET": secret}, start_new_session=True,
+                          timeout=timeout + 60 * repeat)
+    line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("SMPPATH ")), None)
+    if proc.returncode != 0 or line is None:
+        raise BenchError(f"smp path (exit {proc.returncode}): {proc.stderr[-3000:]}")
+    return json.loads(line[len("SMPPATH "):])
+
+
+def smp_path_child(spec: dict) -> int:
+    from ftmem.smp.process import Priority, keep_freed_memory
+
+    keep_freed_memory()
+    if not Priority().set(spec["nice"]):
+        say(f"smp path: could not move to nice {spec['nice']}; measuring at nice 0")
+    out = smp_path({int(m): e for m, e in spec["endpoints"].items()}, os.environ["FTMEM_SECRET"].encode(),
+                   spec["job"], spec["repeat"], spec["timeout"])
+    print("SMPPATH " + json.dumps(out), flush=True)
+    return 0
+
+
+def smp_path(endpoints: dict[int, str], secret: bytes, job: str, repeat: int, timeout: float) -> dict:
+    """ftmem's own `encode_round` and `rebuild_node` against the job's live SMPs (workers paused), each right
+    after raw zfec on the same geometry: one member's encode path, and node 2's rebuild from nodes 0 and 1.
 
     In the job all three SMPs encode at once, and here they share 2 cores with each other and with the peers
     serving them; on a cluster each has its own node's cores. This measures one SMP's path as it would run
-    there: real requests to real SMPs over TCP, Poly1305 MACs on both ends, the pipelined coder, parity
-    written to shared memory. The SMPs only serve (reads of their committed step). Raw zfec runs between the
-    repetitions, on random bytes of the same geometry. The rebuilt payload is checked against its commit-time
-    checksums (bit-exact or the bench fails)."""
+    there: real requests to real SMPs over TCP, Poly1305 MACs on both ends, the pipelined coders, parity
+    written to shared memory. The SMPs only serve (reads of their committed step). Each repetition is a pair
+    (raw zfec, then the path on as many stripes; members take turns), so the ratio of a pair compares two
+    moments a second apart on a machine whose speed drifts. The rebuilt payload is checked against its
+    commit-time checksums (bit-exact or the bench fails)."""
     import mmap
 
     from ftmem.recovery.rebuild import newest_protected, rebuild_node, verify
@@ -934,7 +983,7 @@ def smp_path(endpoints: dict[int, str], secret: bytes, job: str, repeat: int, ti
     members = (0, 1, 2)
     links = Links(PeerCodec(secret, job, 0))
     parity = ParityStore(f"ftmem-bench-path-{uuid.uuid4().hex[:8]}-")
-    out: dict = {"encode": [], "raw_encode": [], "rebuild": []}
+    out: dict = {"encode": [], "rebuild": []}
 
     def link_to(lost: int | None):
         return lambda m: None if m == lost else links.to(m, endpoints[m])
@@ -943,22 +992,28 @@ def smp_path(endpoints: dict[int, str], secret: bytes, job: str, repeat: int, ti
         if meta is None:
             raise BenchError("smp path: no protected step to encode and rebuild")
         layout = meta.layout
-        out.update(step=meta.step, input_bytes=len(layout.parity_stripes(0)) * layout.k * layout.chunk_size,
-                   node2_bytes=layout.sizes[2], rebuild_bytes=layout.sizes[2] + layout.parity_bytes(2))
+        k, chunk = layout.k, layout.chunk_size
+        count = max(len(layout.parity_stripes(m)) for m in range(3))
+        stripes = stripes_of(random_buffer(count * k * chunk), k, chunk, count)
+        raw_rb = RawRebuild(layout, 2)
+        out.update(step=meta.step, rebuild_bytes=layout.sizes[2] + layout.parity_bytes(2), **raw_rb.info)
         manifest = meta.manifests[2]
         maps = [mmap.mmap(-1, HEADER_SIZE + length) for _, length, _ in manifest]
         data = NodeData([Part(rank, SimpleNamespace(segment=SimpleNamespace(buf=mm)), length)
                          for (rank, length, _), mm in zip(manifest, maps)])
         headers = {rank: Header.unpack(h) for rank, _, h in manifest}
-        for _ in range(repeat):
-            for me in members:
-                start = time.perf_counter()
-                encode_round(meta.step, me, members, meta.f, link_to(None), parity, timeout, lambda: False)
-                out["encode"].append(time.perf_counter() - start)
-            out["raw_encode"].append(raw_encode())
+        raw_encode_s(stripes[:2], k, 3)
+        for rep in range(repeat):
+            me = members[rep % 3]
+            mine = len(layout.parity_stripes(me))
+            raw = raw_encode_s(stripes[:mine], k, 3)
+            start = time.perf_counter()
+            encode_round(meta.step, me, members, meta.f, link_to(None), parity, timeout, lambda: False)
+            out["encode"].append({"raw": raw, "path": time.perf_counter() - start, "bytes": mine * k * chunk})
+            raw = sum(raw_rb.time())
             start = time.perf_counter()
             rebuild_node(meta, 2, data, parity, link_to(2), timeout)
-            out["rebuild"].append(time.perf_counter() - start)
+            out["rebuild"].append({"raw": raw, "path": time.perf_counter() - start})
             if (bad := verify(data, headers)):
                 raise BenchError(f"smp path: the rebuilt data fails its checksums: {bad}")
         for mm in maps:
@@ -1072,9 +1127,12 @@ def main() -> int:
     p.add_argument("--json", default=None, metavar="PATH", help="write every raw sample here")
     p.add_argument("--keep", action="store_true", help="keep the logs (work dir) after a successful run")
     p.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.add_argument("--smp-path", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker is not None:
         return worker(args.worker)
+    if args.smp_path is not None:
+        return smp_path_child(json.loads(args.smp_path))
 
     quick = args.quick
     args.dim = args.dim or (352 if quick else 384)
@@ -1233,21 +1291,21 @@ def report(r: dict, plan: SimpleNamespace, args: argparse.Namespace, elapsed: fl
               f"resume (see 4.)")
     if "path" in ec:
         pth = ec["path"]
-        enc, raw = med(pth["encode"]), min(w for w, _ in pth["raw_encode"])
-        rb_t, rrb = med(pth["rebuild"]), pth["raw_rebuild"]
-        raw_rb = rrb["decode_s"] + rrb["encode_s"]
-        rows = [("encode_round: one member's parity (%.1f MB of input)" % (pth["input_bytes"] / 1e6), len(pth["encode"]),
-                 fmt_s(enc), f"{pth['input_bytes'] / enc / 1e9:.3f}", ""),
-                ("  raw zfec encode, same geometry, between the repetitions", len(pth["raw_encode"]), fmt_s(raw),
-                 f"{node_in / raw / 1e9:.3f}", f"{(pth['input_bytes'] / enc) / (node_in / raw):.1%}"),
-                ("rebuild_node: node 2 from nodes 0, 1 (%.1f MB data + parity)" % (pth["rebuild_bytes"] / 1e6),
-                 len(pth["rebuild"]), fmt_s(rb_t), f"{pth['rebuild_bytes'] / rb_t / 1e9:.3f}", ""),
-                ("  raw zfec decode + encode of the same stripes", 1, fmt_s(raw_rb),
-                 f"{(rrb['data_bytes'] + rrb['parity_bytes']) / raw_rb / 1e9:.3f}",
-                 f"{(pth['rebuild_bytes'] / rb_t) / ((rrb['data_bytes'] + rrb['parity_bytes']) / raw_rb):.1%}")]
-        table(f"   the SMP path alone: ftmem's encode_round / rebuild_node in this process against the 3 live SMPs "
-              f"(workers paused, SMPs only serving; step {pth['step']}; rebuilt data verified against its "
-              f"checksums); target: path/raw >= 80%", rows, ("", "n", "time", "GB/s", "path/raw"))
+        rows, enc_bytes = [], med([p["bytes"] for p in pth["encode"]])
+        for label, pairs, nbytes in (
+                ("encode_round: a member's parity (%.1f MB of input; members in turn)" % (enc_bytes / 1e6),
+                 pth["encode"], enc_bytes),
+                ("rebuild_node: node 2 from nodes 0, 1 (%.1f MB data + parity; raw: decode + encode)"
+                 % (pth["rebuild_bytes"] / 1e6), pth["rebuild"], pth["rebuild_bytes"])):
+            path_t, raw_t = med([p["path"] for p in pairs]), med([p["raw"] for p in pairs])
+            rows.append((label, len(pairs), fmt_s(path_t), fmt_s(raw_t), f"{nbytes / path_t / 1e9:.3f}",
+                         f"{med([p['raw'] / p['path'] for p in pairs]):.1%}",
+                         f"{min(p['raw'] for p in pairs) / min(p['path'] for p in pairs):.1%}"))
+        table(f"   the SMP path alone: ftmem's encode_round / rebuild_node in a process of their own run as an SMP "
+              f"(own session, nice {ec['path_nice']}), against the 3 live SMPs (workers paused, SMPs only serving; "
+              f"step {pth['step']}; rebuilt data verified against its checksums), each right after raw zfec on the "
+              f"same stripes; target: raw/path >= 80%", rows,
+              ("", "pairs", "path", "raw", "path GB/s", "raw/path: median of pairs", "best / best"))
     w0, w1 = ec["status_w0"], ec["status_w1"]
     started = {i: sum((w1[i] or {}).get("ec_stats", {}).get(f, 0) - (w0[i] or {}).get("ec_stats", {}).get(f, 0)
                       for f in ("rounds_ok", "rounds_failed")) for i in range(3)}

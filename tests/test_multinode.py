@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -594,6 +595,33 @@ def test_signed_requests_with_bad_values_get_an_error_not_a_crash(peers, op, fie
         print(f"{op} {fields}: {exc}")
     msg, _ = _request(c, endpoint, smp0, "ec_status")
     assert msg["ok"] and smp0.poll() is None
+
+
+def test_a_stalled_smp_does_not_take_its_live_peers_for_gone(peers):
+    """An SMP that did not run for longer than PEER_TIMEOUT_S (SIGSTOP here; in a job, a niced SMP starved beside
+    training, spending seconds on one message) finds its peer's heartbeats queued unread when it runs again: that
+    peer is alive, also to a request already waiting, which it answers before it reads the queued reports. (Taken
+    for gone, it would fail EC rounds for nothing and move the leader.)"""
+    import threading
+
+    from ftmem.smp.cluster import PEER_TIMEOUT_S
+
+    c, (_, smp0) = peers.c, peers.live()
+    client = c.client(0, timeout=60.0, retry_interval=60.0)
+    c.wait_until(lambda: client.call("status")["peers"].get("1", {}).get("alive"), 30,
+                 f"node 1 to be alive to node 0\n{c.logs()}")
+    answer: dict = {}
+    asking = threading.Thread(target=lambda: answer.update(client.call("status")), daemon=True)
+    smp0.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(PEER_TIMEOUT_S + 2)  # node 1 heartbeats all along
+        asking.start()
+        time.sleep(0.3)  # the request is queued before the reports' newer ones
+    finally:
+        smp0.send_signal(signal.SIGCONT)
+    asking.join(60)
+    print(f"node 0's view of its peers on waking: {answer.get('peers')}")
+    assert answer["peers"]["1"]["alive"], f"node 0 took node 1 for gone after its own stall\n{c.logs()}"
 
 
 # ------------------------------------------------------------------------------------- ranks that move away

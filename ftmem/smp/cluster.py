@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 log = get_logger("smp")
 HEARTBEAT_S = 1.0
-PEER_TIMEOUT_S = max(5.0, 5 * HEARTBEAT_S)  # a peer silent this long is gone
+PEER_TIMEOUT_S = max(5.0, 5 * HEARTBEAT_S)  # a peer silent this long (on the clock of `Cluster.alive`) is gone
 HANDLE_BUDGET_S = 0.2 * HEARTBEAT_S
 RETRY_S, RETRY_MAX_S = 1.0, 30.0  # a failed round's step is led again after this, doubling while rounds fail
 EVENTS = "inproc://ftmem-events"
@@ -79,15 +79,15 @@ def default_peer_host(store: str) -> str:
 class _Peer:
     endpoint: str
     incarnation: str
-    last_seen: float = 0.0
+    discovered: float  # on the listening clock, like last_seen (see `Cluster.alive`)
+    last_seen: float | None = None
     committed: int = -1
     protected: int = -1
     rebuilding: bool = True  # until its first report: a new incarnation may be a replacement that rebuilds
-    discovered: float = field(default_factory=time.monotonic)
 
-    def awaiting_first_report(self, now: float) -> bool:
+    def awaiting_first_report(self, clock: float) -> bool:
         """Discovered (in the store) but not heard from yet, for less than PEER_TIMEOUT_S: likely alive."""
-        return self.last_seen == 0.0 and now - self.discovered < PEER_TIMEOUT_S
+        return self.last_seen is None and clock - self.discovered < PEER_TIMEOUT_S
 
 
 @dataclass
@@ -170,6 +170,8 @@ class Cluster:
                                       "last_round_step": None, "last_round_bytes": 0, "rebuild_s": None, "lag_steps": 0}
         self._next_heartbeat = 0.0
         self._rebuild_started = 0.0
+        self.clock = 0.0  # seconds this SMP has been listening to its peers (see `alive`)
+        self._last_tick = time.monotonic()
         self.priority = Priority()
         threading.Thread(target=self._connect, name="ftmem-connect", daemon=True).start()
         threading.Thread(target=self._work, name="ftmem-ec", daemon=True).start()
@@ -245,10 +247,12 @@ class Cluster:
                 self._on_peer(frames)
 
     def tick(self) -> None:
+        now = time.monotonic()
+        self.clock += min(now - self._last_tick, HEARTBEAT_S)
+        self._last_tick = now
         if not self.ready:
             return
         self._set_priority()
-        now = time.monotonic()
         self._refresh_peers()
         if now >= self._next_heartbeat:
             self.broadcast_report()
@@ -258,9 +262,8 @@ class Cluster:
     def _set_priority(self) -> None:
         """Full priority while this node or a member of its group is (or, new and not yet reporting, may be)
         rebuilt, else the configured nice."""
-        now = time.monotonic()
         recovering = self.rebuilding or any(
-            p.rebuilding and (self.alive(n) or p.awaiting_first_report(now))
+            p.rebuilding and (self.alive(n) or p.awaiting_first_report(self.clock))
             for n, p in self.peers.items() if n in self.members)
         nice = 0 if recovering else self.cfg.nice
         if nice != self.priority.nice and self.priority.set(nice):
@@ -275,14 +278,19 @@ class Cluster:
                     log.info("node %d restarted (new incarnation); reconnecting", node)
                     if node in self.members:  # its parity is gone: protect the newest step again, even if led
                         self.schedule.member_restarted()
-                self.peers[node] = _Peer(endpoint, incarnation)
+                self.peers[node] = _Peer(endpoint, incarnation, discovered=self.clock)
                 self.d.tracker.set_source(node, {})
 
     def alive(self, node: int) -> bool:
+        """Heard from within the last PEER_TIMEOUT_S on this SMP's listening clock, which runs with the event
+        loop's ticks and counts a pause between two ticks as at most HEARTBEAT_S. A niced SMP starved beside
+        training can spend seconds on one message (or not run at all), and the heartbeats queued unread meanwhile
+        must not make its peers look gone (a round failed for nothing, a wrong leader), neither to its event
+        loop nor to its EC thread waiting on a reply. A dead peer is still gone after PEER_TIMEOUT_S of ticks."""
         if node == self.node:
             return True
         peer = self.peers.get(node)
-        return peer is not None and time.monotonic() - peer.last_seen < PEER_TIMEOUT_S
+        return peer is not None and peer.last_seen is not None and self.clock - peer.last_seen < PEER_TIMEOUT_S
 
     def _live_incarnation(self, node: int) -> str | None:
         peer = self.peers.get(node)
@@ -293,7 +301,7 @@ class Cluster:
         heartbeat (bounded by PEER_TIMEOUT_S) before it counts as gone. A restarted SMP can be asked to take part
         in a round, by a leader that sees every member alive, before the other members' reports reach it."""
         peer = self.peers.get(node)
-        while peer is not None and peer.awaiting_first_report(time.monotonic()):
+        while peer is not None and peer.awaiting_first_report(self.clock):
             time.sleep(0.05)
 
     def _send(self, node: int, op: str, **fields: Any) -> None:
@@ -319,7 +327,7 @@ class Cluster:
         peer = self.peers.get(msg["from"])
         if peer is None or peer.incarnation != msg["incarnation"]:
             return
-        peer.last_seen, peer.committed, peer.protected = time.monotonic(), msg["committed"], msg["protected"]
+        peer.last_seen, peer.committed, peer.protected = self.clock, msg["committed"], msg["protected"]
         peer.rebuilding = msg["rebuilding"]
         by_rank: dict[int, set[tuple[int, int]]] = {}
         for rank, step, epoch in msg["complete"]:
@@ -395,10 +403,10 @@ class Cluster:
 
     def _on_ec_start(self, step: int, leader: int) -> None:
         peer = self.peers.get(leader)
-        if peer is not None and peer.last_seen == 0.0:
+        if peer is not None and peer.last_seen is None:
             # a leader this (restarted) SMP has not heard a report from yet is alive: it just sent this. Without
             # this the round would be abandoned at the next tick and the leader wait out its whole timeout.
-            peer.last_seen = time.monotonic()
+            peer.last_seen = self.clock
         if self.rebuilding:
             self._send(leader, "ec_done", step=step, ok=False, detail=f"node {self.node} is still being rebuilt")
             return
