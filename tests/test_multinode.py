@@ -3,7 +3,8 @@ per node, all on loopback, each with its own SMP and shared memory. A node is lo
 workers, SMP and segments at once, ftmem.chaos.kill_node) and a replacement with the same node rank and empty
 memory joins; its SMP rebuilds the lost snapshot from the survivors' erasure code and the job ends with the same
 final hash as a run without failures. More losses than the code tolerates must fail loudly, never restart from
-step 0 or finish wrong. The SMP's peer socket drops forged and malformed messages and keeps serving.
+step 0 or finish wrong. The SMP's peer socket drops forged and malformed messages and keeps serving, and an
+SMP that stalled does not take its live peers for gone.
 
 Node 0 is started first and never killed: its agent hosts the job's rendezvous store (and the SMPs' directory).
 """
