@@ -8,6 +8,7 @@ import os
 import random
 import re
 import struct
+import time
 import uuid
 import zlib
 from collections import OrderedDict
@@ -564,6 +565,93 @@ def test_shm_dir_is_configurable(tmp_path, monkeypatch):
         seg.close()
         seg.unlink()
     assert shm.list_segments("ftmem.x.") == []
+
+
+def _woken(store, timeout: float = 30.0) -> None:
+    """Wait (bounded) until the store's wakeup fd says a segment creation ended, as the SMP's event loop does."""
+    import select
+
+    assert select.select([store.wakeup_fd], [], [], timeout)[0], "no segment creation ended within the timeout"
+    store.drain_wakeups()
+
+
+def test_buffer_segments_are_created_off_the_caller_and_all_at_a_ranks_first_snapshot(tmp_path, monkeypatch):
+    """`ready` never creates a segment on the calling thread (the SMP's event loop): it starts the creation,
+    says not yet, and installs the segment when asked again after the wakeup fd fired; `reserve` starts every
+    other buffer of the rank at once, so the next snapshots find theirs."""
+    from ftmem.smp.buffers import BufferStore
+
+    monkeypatch.setenv("FTMEM_SHM_DIR", str(tmp_path))
+    store = BufferStore("ftmem.u.", 3)
+    try:
+        first, *others = store.of(0).buffers
+        assert not store.ready(0, first, 10_000)
+        assert first.segment is None
+        store.reserve(0, 10_000)
+        deadline = time.monotonic() + 30
+        while not store.ready(0, first, 10_000):
+            assert time.monotonic() < deadline, "the first buffer's segment was never installed"
+            _woken(store)
+        assert first.segment.size >= 10_000 and first.header.state == BufferState.EMPTY
+        store.ensure_size([(0, b, 10_000) for b in others])  # the reserved ones: only waited for
+        assert all(b.segment is not None for b in others)
+        assert len(shm.list_segments("ftmem.u.")) == 3
+        first.segment.buf[:4] = b"keep"
+        assert store.ready(0, first, 10_000) and bytes(first.segment.buf[:4]) == b"keep"  # big enough: kept
+        old = first.segment.name
+        store.ensure_size([(0, first, 10 << 20)])  # a bigger snapshot: a new generation replaces it
+        assert first.segment.size >= 10 << 20 and first.segment.name != old
+        assert old not in shm.list_segments("ftmem.u.") and len(shm.list_segments("ftmem.u.")) == 3
+    finally:
+        store.close(unlink_all=True)
+    assert shm.list_segments("ftmem.u.") == []
+
+
+def test_a_reserved_buffer_needed_early_is_created_once(tmp_path, monkeypatch):
+    """Reservations are created one at a time in the background; a buffer needed before its reservation ran
+    is created at once instead (the reservation is cancelled). Either way every buffer ends up with exactly one
+    segment: none leaked by a cancelled or superseded creation."""
+    from ftmem.smp.buffers import BufferStore
+
+    monkeypatch.setenv("FTMEM_SHM_DIR", str(tmp_path))
+    store = BufferStore("ftmem.r.", 4)
+    try:
+        bufs = store.of(0).buffers
+        store.reserve(0, 32 << 20)  # b0 starts; b1..b3 queue behind it
+        store.ensure_size([(0, bufs[3], 32 << 20)])
+        assert bufs[3].segment is not None
+        store.ensure_size([(0, b, 32 << 20) for b in bufs])
+        assert sorted(shm.list_segments("ftmem.r.")) == sorted(b.segment.name for b in bufs)
+    finally:
+        store.close(unlink_all=True)
+    assert shm.list_segments("ftmem.r.") == []
+
+
+def test_a_failed_buffer_creation_is_reported_once_and_leaves_nothing(tmp_path, monkeypatch):
+    """A segment that cannot fit is reported (ShmFullError, by the `ready` that asks for it after the creation
+    failed), nothing is left in /dev/shm, and a smaller snapshot afterwards still gets its buffer. Releasing a
+    rank or closing the store while creations run removes what they made."""
+    from ftmem.smp.buffers import BufferStore
+
+    monkeypatch.setenv("FTMEM_SHM_DIR", str(tmp_path))
+    store = BufferStore("ftmem.f.", 2)
+    try:
+        buf = store.of(0).buffers[0]
+        too_big = shm.available_bytes() + (1 << 30)
+        assert not store.ready(0, buf, too_big)
+        _woken(store)
+        with pytest.raises(shm.ShmFullError, match="needs"):
+            store.ready(0, buf, too_big)
+        assert shm.list_segments("ftmem.f.") == []
+        store.ensure_size([(0, buf, 4096)])
+        assert buf.segment is not None
+        store.reserve(1, 4096)
+        store.release(1)  # waits for rank 1's creations and removes their segments
+        assert shm.list_segments("ftmem.f.") == [buf.segment.name]
+        store.reserve(2, 4096)
+    finally:
+        store.close(unlink_all=True)
+    assert shm.list_segments("ftmem.f.") == []
 
 
 # ------------------------------------------------------------------------------------------------ SMP priority

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from ftmem.log import get_logger
@@ -12,6 +14,19 @@ from ftmem.smp.shm import Segment, list_segments, unlink
 log = get_logger("smp")
 _NAME = re.compile(r"r(\d+)\.b(\d+)\.g(\d+)$")
 _SLACK = 1 << 20
+CREATORS = 4  # segments created at once for snapshots waiting on them (the kernel zeroes their pages: that
+# scales with cores); segments reserved ahead of need are created one at a time beside them
+
+
+def _segment_size(nbytes: int) -> int:
+    return (nbytes + nbytes // 16 + _SLACK + 4095) // 4096 * 4096
+
+
+@dataclass(frozen=True)
+class _Creation:
+    size: int
+    segment: Future  # of the Segment
+    reserved: bool   # ahead of need (`BufferStore.reserve`)
 
 
 @dataclass
@@ -59,31 +74,101 @@ class RankBuffers:
 
 
 class BufferStore:
-    """All buffers of one SMP, named `<prefix>r<rank>.b<index>.g<generation>` in /dev/shm."""
+    """All buffers of one SMP, named `<prefix>r<rank>.b<index>.g<generation>` in /dev/shm.
+
+    Segments are created on threads of their own (`ready`, `reserve`, `ensure_size`): creating one of several GB
+    takes seconds, which the event loop must not spend (every rank of the node and the peers' heartbeats wait
+    on it), and a node's ranks get theirs in parallel. A rank's other buffers are reserved at its first snapshot
+    and created in the background; one needed before its creation started is created at once instead."""
 
     def __init__(self, prefix: str, count: int) -> None:
         self.prefix = prefix
         self.count = count
         self.ranks: dict[int, RankBuffers] = {}
         self._gen = 0
+        self._creating: dict[tuple[int, int], _Creation] = {}  # by (rank, buffer index)
+        self._creators = ThreadPoolExecutor(CREATORS, thread_name_prefix="ftmem-shm")
+        self._reserver = ThreadPoolExecutor(1, thread_name_prefix="ftmem-shm-reserve")
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
-    def of(self, rank: int) -> RankBuffers:
-        if rank not in self.ranks:
-            self.ranks[rank] = RankBuffers(rank, [Buffer(i) for i in range(self.count)])
-        return self.ranks[rank]
+    @property
+    def wakeup_fd(self) -> int:
+        """Readable once a segment creation ended (the event loop polls it, then `drain_wakeups`)."""
+        return self._wake_r
 
-    def ensure_size(self, rank: int, buf: Buffer, nbytes: int) -> None:
-        """(Re)create the buffer's segment when it is missing or too small."""
-        if buf.segment is not None and buf.segment.size >= nbytes:
-            return
-        size = (nbytes + nbytes // 16 + _SLACK + 4095) // 4096 * 4096
+    def drain_wakeups(self) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
+
+    def _wake(self, _: Future) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass  # full (a wakeup is pending anyway) or closed (stopping)
+
+    def _create(self, rank: int, index: int, nbytes: int, reserved: bool = False) -> None:
         self._gen += 1
-        segment = Segment.create(f"{self.prefix}r{rank}.b{buf.index}.g{self._gen}", size)
+        size = _segment_size(nbytes)
+        pool = self._reserver if reserved else self._creators
+        segment = pool.submit(Segment.create, f"{self.prefix}r{rank}.b{index}.g{self._gen}", size)
+        segment.add_done_callback(self._wake)
+        self._creating[(rank, index)] = _Creation(size, segment, reserved)
+
+    def ready(self, rank: int, buf: Buffer, nbytes: int) -> bool:
+        """Whether `buf` holds `nbytes` now. If not, its segment is being (re)created: ask again once
+        `wakeup_fd` fires. Raises a creation's error (ShmFullError) when it failed for this size."""
+        key = (rank, buf.index)
+        creation = self._creating.get(key)
+        if creation is not None:
+            if creation.reserved and creation.segment.cancel():  # not started: needed now, so created at once
+                del self._creating[key]
+            elif not creation.segment.done():
+                return False
+            else:
+                del self._creating[key]
+                if creation.segment.exception() is None:
+                    self._install(rank, buf, creation.segment.result())
+                elif creation.size <= _segment_size(nbytes):
+                    raise creation.segment.exception()
+        if buf.segment is not None and buf.segment.size >= nbytes:
+            return True
+        self._create(rank, buf.index, nbytes)
+        return False
+
+    def reserve(self, rank: int, nbytes: int) -> None:
+        """Start creating every buffer of `rank` that has no segment yet, so its next snapshots find theirs."""
+        for buf in self.of(rank).buffers:
+            if buf.segment is None and (rank, buf.index) not in self._creating:
+                self._create(rank, buf.index, nbytes, reserved=True)
+
+    def ensure_size(self, wanted: list[tuple[int, Buffer, int]]) -> None:
+        """(Re)create the segments of these (rank, buffer, nbytes) that are missing or too small, in parallel, and
+        wait for them."""
+        while missing := [(rank, buf) for rank, buf, nbytes in wanted if not self.ready(rank, buf, nbytes)]:
+            wait([self._creating[(rank, buf.index)].segment for rank, buf in missing])
+
+    def _install(self, rank: int, buf: Buffer, segment: Segment) -> None:
         if buf.segment is not None:
             buf.segment.close()
             buf.segment.unlink()
         buf.segment = segment
         buf.header = Header(BufferState.EMPTY, rank=rank)
+
+    def _discard(self, rank: int, index: int) -> None:
+        """Remove what a creation for a buffer that is going away made (waits for it to end)."""
+        creating = self._creating.pop((rank, index)).segment
+        if creating.cancel() or creating.exception() is not None:
+            return
+        segment = creating.result()
+        segment.close()
+        segment.unlink()
+
+    def of(self, rank: int) -> RankBuffers:
+        if rank not in self.ranks:
+            self.ranks[rank] = RankBuffers(rank, [Buffer(i) for i in range(self.count)])
+        return self.ranks[rank]
 
     def adopt(self) -> int:
         """Take over the segments a previous SMP of this node left, keeping only verified complete snapshots.
@@ -136,6 +221,8 @@ class BufferStore:
     def release(self, rank: int) -> int:
         """Unlink every buffer of `rank` and forget it; returns the bytes freed."""
         rb = self.ranks.pop(rank)
+        for index in [i for r, i in self._creating if r == rank]:
+            self._discard(rank, index)
         freed = rb.nbytes()
         for buf in rb.buffers:
             if buf.segment is not None:
@@ -151,6 +238,12 @@ class BufferStore:
         return any(rb.complete() for rb in self.ranks.values())
 
     def close(self, unlink_all: bool) -> None:
+        for rank, index in list(self._creating):
+            self._discard(rank, index)
+        self._creators.shutdown()
+        self._reserver.shutdown()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
         for rb in self.ranks.values():
             for buf in rb.buffers:
                 if buf.segment is not None:

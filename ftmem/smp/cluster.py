@@ -573,10 +573,11 @@ class Cluster:
         log.info("rebuilding node %d's snapshot of step %d (%d rank(s), %d bytes) from EC group %s", self.node,
                  meta.step, len(mine), sum(length for _, length, _ in mine), list(meta.members))
         parts, headers = [], {}
+        self.d.store.ensure_size([(rank, self.d.store.of(rank).buffers[0], HEADER_SIZE + length)
+                                  for rank, length, _ in mine])
         for rank, length, header_bytes in mine:
             header = Header.unpack(header_bytes)
             buf = self.d.store.of(rank).buffers[0]
-            self.d.store.ensure_size(rank, buf, HEADER_SIZE + length)
             buf.write_header(Header(BufferState.WRITING, rank=rank, world=header.world, step=header.step,
                                     epoch=header.epoch))
             parts.append(Part(rank, buf, length))

@@ -133,10 +133,12 @@ class SnapshotDaemon:
         self._sock = sock
         while self._stop is None:
             poller = zmq.Poller()
-            for s in [sock, *(self.cluster.sockets() if self.cluster else [])]:
+            for s in [sock, self.store.wakeup_fd, *(self.cluster.sockets() if self.cluster else [])]:
                 poller.register(s, zmq.POLLIN)
             for ready, _ in poller.poll(TICK_MS):
-                if ready is sock:
+                if ready == self.store.wakeup_fd:
+                    self.store.drain_wakeups()  # a segment is created: _tick answers the prepare waiting for it
+                elif ready is sock:
                     while True:
                         try:
                             frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -301,7 +303,7 @@ class SnapshotDaemon:
         rb = self.store.of(rank)
         target = rb.buffers[reusable([b.complete_step for b in rb.buffers], header.step, None)[0]]
         rb.invalidate(target)
-        self.store.ensure_size(rank, target, HEADER_SIZE + header.payload_len)
+        self.store.ensure_size([(rank, target, HEADER_SIZE + header.payload_len)])
         target.write_header(Header(BufferState.WRITING, rank=rank, world=header.world, step=header.step,
                                    epoch=header.epoch))
         return target
@@ -341,8 +343,10 @@ class SnapshotDaemon:
             if not free:
                 return None  # wait until the newest step commits
             buf = rb.buffers[free[0]]
-            taken = buf.complete_step
-            self.store.ensure_size(rank, buf, nbytes)
+            taken = buf.complete_step  # before `ready` replaces a segment too small for this snapshot
+            if not self.store.ready(rank, buf, nbytes):
+                self.store.reserve(rank, nbytes)
+                return None  # its segment is being created; answered once it is (wakeup_fd)
             if self.cluster is not None:
                 self.cluster.buffer_taken(taken)
             buf.write_header(Header(BufferState.WRITING, rank=rank, world=self.tracker.world or 0, step=step,
