@@ -17,10 +17,11 @@ one run, and reported as ratios:
    while the job trains and with no job running. The SMPs' CPU seconds per paused round (psutil, all 3)
    against raw zfec's compare the work done, independently of contention. The SMP's round is not just zfec:
    it fetches every chunk from its owner over the peer protocol (zmq TCP on loopback, 16 MiB requests, two
-   batches coded at once while the next is received and the one after served), with a Poly1305 MAC of every frame on both ends, copies out of shared memory on the
-   serving side, pads short chunks and writes parity to shared memory. A breakdown table times each of those
-   steps (wall and CPU) on the same amount of data in this process, with ftmem's own NodeData / PeerCodec /
-   encode_parity, to show where the time goes. Also: rounds ok / failed and why (SMP log), lag at the kill.
+   batches coded at once while the next is received and the one after served), with a Poly1305 MAC of every
+   frame on both ends, copies out of shared memory on the serving side, pads short chunks and writes parity to
+   shared memory. A breakdown table times each of those steps (wall and CPU) on the same amount of data in this
+   process, with ftmem's own NodeData / PeerCodec / encode_parity, to show where the time goes. Also: rounds
+   ok / failed and why (SMP log), lag at the kill.
    **The SMP path alone** (`smp_path`): still paused, the bench runs ftmem's own `encode_round` (members in
    turn) and `rebuild_node` for node 2 against the three live SMPs (serving only), in a child process run as an
    SMP (a session of its own at the SMPs' nice, glibc keeping freed frames), each right after raw zfec on the
@@ -516,18 +517,6 @@ def wait_smps_quiet(procs: dict, timeout: float, threshold: float = 0.10, period
     raise BenchError(f"the SMPs did not go quiet within {timeout:.0f}s")
 
 
-def smp_nice(pid: int) -> int:
-    """The nice an SMP runs at: its autogroup's (what counts with autogrouping, see ftmem.smp.process), else
-    its own."""
-    import psutil
-
-    try:
-        with open(f"/proc/{pid}/autogroup") as f:
-            return int(f.read().split("nice")[1])
-    except (OSError, IndexError, ValueError):
-        return psutil.Process(pid).nice()
-
-
 def signal_all(procs: list, sig: int) -> None:
     import psutil
 
@@ -551,6 +540,7 @@ def run_ec_job(sess: Session, args: argparse.Namespace, plan: SimpleNamespace) -
 
     from ftmem.chaos import kill_node
     from ftmem.env import NodeEnv
+    from ftmem.smp.process import effective_nice
     from ftmem.smp.protocol import ControlClient
 
     job, port, secret = sess.job_id("ec"), free_port(), uuid.uuid4().hex
@@ -652,7 +642,7 @@ def run_ec_job(sess: Session, args: argparse.Namespace, plan: SimpleNamespace) -
         ok_b = {i: dict((poller.latest(i) or {}).get("ec_stats") or {}) for i in range(3)}
         paused_raw = raw_reps(plan.repeat)
         endpoints = {i: (poller.latest(i) or {}).get("endpoint") for i in range(3)}
-        out["path_nice"] = smp_nice(smps[0].pid)
+        out["path_nice"] = effective_nice(smps[0].pid)
         out["path"] = run_smp_path(endpoints, secret, job, out["path_nice"], 3 * plan.repeat, args.timeout)
         stopped = []
         signal_all(workers, signal.SIGCONT)

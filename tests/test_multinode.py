@@ -16,6 +16,7 @@ import random
 import re
 import signal
 import sys
+import threading
 import time
 from datetime import timedelta
 
@@ -28,7 +29,9 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from conftest import EXAMPLE, Cluster, final_hash, free_port
+from ftmem.smp.cluster import PEER_TIMEOUT_S
 from ftmem.smp.peer import MAX_PEER_BYTES, PeerCodec, PeerLink
+from ftmem.smp.process import autogrouping, effective_nice
 from ftmem.smp.protocol import ControlClient, SmpError, SmpUnavailable
 
 STEPS = 24
@@ -142,7 +145,7 @@ def kill_and_replace(cluster: Cluster, golden, *, nnodes: int, victims: tuple[in
     job = Job(cluster, nnodes, ["--max-restarts", "3", *extra_args], script_args, FTMEM_TIMEOUT=TIMEOUT)
     job.start_all()
     job.wait_for_step(kill_at)
-    assert smp_nice(cluster.smp_info(0)["pid"]) == 10, "the SMP should yield the cores to training"
+    assert effective_nice(cluster.smp_info(0)["pid"]) == 10, "the SMP should yield the cores to training"
     job.kill(*victims)
     for i in victims:
         job.start(i, name=f"node{i}-replacement")
@@ -171,23 +174,7 @@ def kill_and_replace(cluster: Cluster, golden, *, nnodes: int, victims: tuple[in
     return job
 
 
-def _autogroup() -> bool:
-    try:
-        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
-            return f.read().strip() == "1"
-    except OSError:
-        return False
-
-
-AUTOGROUP = _autogroup()
-
-
-def smp_nice(pid: int) -> int:
-    """An SMP's effective nice: its session's autogroup's where autogrouping is on, else its main thread's."""
-    if AUTOGROUP:
-        with open(f"/proc/{pid}/autogroup") as f:
-            return int(f.read().split()[-1])  # "/autogroup-123 nice 10"
-    return psutil.Process(pid).nice()
+AUTOGROUP = autogrouping()
 
 
 def waits_for_the_dead(cluster: Cluster, nodes) -> list[str]:
@@ -603,10 +590,6 @@ def test_a_stalled_smp_does_not_take_its_live_peers_for_gone(peers):
     training, spending seconds on one message) finds its peer's heartbeats queued unread when it runs again: that
     peer is alive, also to a request already waiting, which it answers before it reads the queued reports. (Taken
     for gone, it would fail EC rounds for nothing and move the leader.)"""
-    import threading
-
-    from ftmem.smp.cluster import PEER_TIMEOUT_S
-
     c, (_, smp0) = peers.c, peers.live()
     client = c.client(0, timeout=60.0, retry_interval=60.0)
     c.wait_until(lambda: client.call("status")["peers"].get("1", {}).get("alive"), 30,

@@ -22,6 +22,24 @@ def keep_freed_memory() -> None:
         mallopt(ctypes.c_int(param), ctypes.c_int(value))
 
 
+def autogrouping() -> bool:
+    """Whether the kernel shares CPU between sessions first (Linux's autogrouping, on by default)."""
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+            return f.read().strip() == "1" and os.path.exists("/proc/self/autogroup")
+    except OSError:
+        return False
+
+
+def effective_nice(pid: int) -> int:
+    """The nice the scheduler applies to process `pid`: its session's autogroup's with autogrouping, else its
+    own (see Priority)."""
+    if autogrouping():
+        with open(f"/proc/{pid}/autogroup") as f:
+            return int(f.read().split()[-1])  # "/autogroup-123 nice 10"
+    return os.getpriority(os.PRIO_PROCESS, pid)
+
+
 class Priority:
     """The SMP's CPU priority next to training: niced while EC runs in the background, full while its EC group
     recovers a node (a rebuild, and the peers serving it, are on every rank's critical path).
@@ -34,11 +52,7 @@ class Priority:
 
     def __init__(self) -> None:
         self.nice = 0
-        try:
-            with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
-                self._autogroup = f.read().strip() == "1" and os.path.exists("/proc/self/autogroup")
-        except OSError:
-            self._autogroup = False
+        self._autogroup = autogrouping()
 
     def set(self, nice: int) -> bool:
         """Move to `nice`; False when that cannot be done now (retry later) or at all."""
