@@ -34,12 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = get_args_parser()
     parser.prog = "ftmem-run"
     parser.description = __doc__
+    if "PET_NODE_RANK" not in os.environ:
+        parser.set_defaults(node_rank=None)  # torchrun's default is 0; ftmem must know whether it was given
     g = parser.add_argument_group("ftmem")
     g.add_argument("--ftmem-job-id", default=_env_default("JOB_ID", None),
                    help="names this job's shared memory (default: --rdzv-id, else 'default'); a rerun with the "
                         "same id on the same node re-adopts the snapshots kept in memory")
     g.add_argument("--ftmem-node-id", type=int, default=_env_default("NODE_ID", None),
-                   help="stable identity of this node (default: --node-rank); a replacement node reuses it")
+                   help="stable identity of this node, 0 <= id < --nnodes (default: --node-rank; a multi-node "
+                        "job needs one of the two); a replacement node reuses the id of the node it replaces")
     g.add_argument("--ftmem-buffers", type=int, default=_env_default("BUFFERS", None),
                    help="snapshot buffers per rank (default 2, double buffering; 4 with erasure coding: the "
                         "protected step and the step being encoded stay while two more are written. With 3, a "
@@ -74,9 +77,27 @@ def _job_id(args: argparse.Namespace) -> str:
     return default_job_id()
 
 
-def _cluster_args(args: argparse.Namespace) -> list[str]:
+def _node_id(args: argparse.Namespace, max_nodes: int) -> int:
+    """This node's stable identity, which names its shared memory and its place in its EC group: --ftmem-node-id,
+    else --node-rank. torchrun's c10d rendezvous ignores --node-rank (it assigns group ranks itself), so its
+    default of 0 says nothing: without an explicit id every node of a multi-node job would claim node 0."""
+    given = args.ftmem_node_id if args.ftmem_node_id is not None else args.node_rank
+    if args.node_rank is None:
+        args.node_rank = 0  # torchrun's default, which its static rendezvous reads
+    if max_nodes == 1:
+        return given or 0
+    if given is None:
+        raise SystemExit(f"ftmem-run: a multi-node job needs each node's identity: pass --node-rank I (or "
+                         f"--ftmem-node-id I), 0 <= I < {max_nodes}, distinct per node; a replacement node reuses "
+                         f"the identity of the node it replaces")
+    if not 0 <= given < max_nodes:
+        raise SystemExit(f"ftmem-run: node identity {given} is out of range for --nnodes {args.nnodes}: it must be "
+                         f"in 0..{max_nodes - 1}")
+    return given
+
+
+def _cluster_args(args: argparse.Namespace, max_nodes: int) -> list[str]:
     """SMP options for a multi-node job: peers meet through the rendezvous store, data is erasure-coded."""
-    _, max_nodes = parse_min_max_nnodes(args.nnodes)
     buffers = args.ftmem_buffers
     if max_nodes == 1:
         return ["--buffers", str(buffers or 2)]
@@ -103,10 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # previous attempt's process-group keys (pytorch/pytorch#135712): restarts fail to connect. A store per
     # attempt is what restarting after failures needs.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    env = NodeEnv(_job_id(args), args.ftmem_node_id if args.ftmem_node_id is not None else args.node_rank)
+    _, max_nodes = parse_min_max_nnodes(args.nnodes)
+    env = NodeEnv(_job_id(args), _node_id(args, max_nodes))
     os.environ.update(FTMEM_JOB_ID=env.job, FTMEM_NODE_ID=str(env.node), FTMEM_MANAGED="1",
                       FTMEM_TIMEOUT=str(args.ftmem_timeout), FTMEM_SMP_ADDR=env.control_address)
-    smp_args = ["--timeout", str(args.ftmem_timeout), *_cluster_args(args)]
+    smp_args = ["--timeout", str(args.ftmem_timeout), *_cluster_args(args, max_nodes)]
     supervisor = SmpSupervisor(env, smp_args, timeout=args.ftmem_timeout)
     supervisor.start()
     ok = False

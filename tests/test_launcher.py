@@ -1,0 +1,53 @@
+"""`ftmem-run`'s own options: a node's identity and a multi-node job's EC settings are checked before anything
+starts (no SMP, no shared memory), with an error that says what to pass."""
+
+from __future__ import annotations
+
+import pytest
+
+import ftmem.launcher.main as launcher
+from ftmem.launcher.main import _node_id, build_parser
+from torch.distributed.run import parse_min_max_nnodes
+
+C10D = ["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29999"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    """main() exports its settings to the environment for the SMP and the workers: restore them afterwards."""
+    for name in ("FTMEM_JOB_ID", "FTMEM_NODE_ID", "FTMEM_MANAGED", "FTMEM_TIMEOUT", "FTMEM_SMP_ADDR",
+                 "FTMEM_SECRET_FILE", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "PET_NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FTMEM_RUNTIME_DIR", str(tmp_path))
+
+
+def node_id(argv: list[str]) -> tuple[int, int]:
+    """(ftmem node id, the node rank torchrun gets) for `ftmem-run ARGV train.py`."""
+    args = build_parser().parse_args([*argv, "train.py"])
+    return _node_id(args, parse_min_max_nnodes(args.nnodes)[1]), args.node_rank
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--nnodes", "3", *C10D], "needs each node's identity: pass --node-rank"),
+    (["--nnodes", "3", "--node-rank", "3", *C10D], "identity 3 is out of range for --nnodes 3: it must be in 0..2"),
+    (["--nnodes", "2:4", "--ftmem-node-id", "-1", *C10D], "identity -1 is out of range"),
+    (["--nnodes", "3", "--node-rank", "1", "--rdzv-backend", "static", "--master-addr", "127.0.0.1"],
+     "needs --rdzv-backend c10d"),
+    (["--nnodes", "4", "--node-rank", "1", *C10D, "--ftmem-ec-group", "3"], "--ftmem-ec-group 3 does not divide"),
+    (["--nnodes", "3", "--node-rank", "1", *C10D, "--ftmem-ec-parity", "3"], "--ftmem-ec-parity 3 must be"),
+])
+def test_a_misconfigured_node_is_refused_before_anything_starts(argv, error, monkeypatch):
+    def started(*args, **kwargs):
+        raise AssertionError("ftmem-run went on to start the SMP")
+    monkeypatch.setattr(launcher, "SmpSupervisor", started)
+    with pytest.raises(SystemExit, match=error):
+        launcher.main([*argv, "train.py"])
+
+
+def test_node_identity_comes_from_the_node_rank_or_the_ftmem_node_id(monkeypatch):
+    assert node_id(["--nnodes", "3", "--node-rank", "2", *C10D]) == (2, 2)
+    assert node_id(["--nnodes", "3", "--ftmem-node-id", "1", *C10D]) == (1, 0)  # torchrun gets its default
+    assert node_id(["--nnodes", "3", "--node-rank", "0", "--ftmem-node-id", "2", *C10D]) == (2, 0)
+    assert node_id(["--standalone", "--nproc-per-node", "2"]) == (0, 0)  # one node: no identity needed
+    monkeypatch.setenv("PET_NODE_RANK", "1")  # torchrun's environment form of --node-rank
+    assert node_id(["--nnodes", "3", *C10D]) == (1, 1)
