@@ -659,3 +659,45 @@ def test_a_rank_that_moved_frees_its_buffers_on_its_old_node_once_the_job_moved_
         assert rank_segments(1 - rank, rank), "the rank's buffers on its new node must stay"
         assert [s for s, _ in client[1 - rank].call("available", rank=rank)["steps"]][:1] == [3]
     del store
+
+
+
+def test_a_group_missing_a_member_says_its_steps_are_unprotected(cluster):
+    """Three bare SMPs of a 3-node group with a fake rank each; step 0 is protected, then node 2's SMP stops
+    (SIGSTOP: a node lost and not yet replaced, or, the same to its peers, one that never joined an elastic job
+    running below --nnodes' maximum). No round can run without it: after PEER_TIMEOUT_S the leader says so once,
+    naming the node and the newest protected step, instead of leaving the job silently unprotected. When the
+    node is back the group says it is whole and protects the next step."""
+    from torch.distributed import TCPStore
+
+    from test_smp_protocol import payload_for, write_snapshot
+
+    port = free_port()
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+    args = ["--nnodes", "3", "--store", f"127.0.0.1:{port}", "--peer-host", "127.0.0.1", "--timeout", "30"]
+    smp = {node: cluster.start_smp(*args, node=node, name=f"smp{node}", FTMEM_SECRET=SECRET) for node in range(3)}
+    client = {node: cluster.client(node, timeout=60.0) for node in range(3)}
+
+    def snapshot(step: int) -> None:
+        for rank in range(3):
+            write_snapshot(client[rank], rank, step, 1, payload_for(rank, step))
+        cluster.wait_until(lambda: client[0].call("status")["protected"] == step, 60,
+                           f"step {step} to be protected", interval=0.2)
+
+    for rank in range(3):
+        client[rank].call("register", rank=rank, world=3, local_rank=0, pid=1000 + rank)
+        client[rank].call("begin", rank=rank, step=-1, epoch=1)
+    snapshot(0)
+    warning = "EC group [0, 1, 2]: node(s) [2] not reachable"
+    smp[2].send_signal(signal.SIGSTOP)
+    try:
+        cluster.wait_until(lambda: warning in cluster.output(smp[0]), 4 * PEER_TIMEOUT_S,
+                           "node 0 to warn that node 2 is absent", interval=0.2)
+    finally:
+        smp[2].send_signal(signal.SIGCONT)
+    assert "committed steps stay unprotected until they are back (newest protected: 0)" in cluster.output(smp[0])
+    cluster.wait_until(lambda: "EC group [0, 1, 2] is whole again" in cluster.output(smp[0]), 30,
+                       "node 0 to see node 2 back", interval=0.2)
+    snapshot(1)
+    assert cluster.output(smp[0]).count(warning) == 1, cluster.logs()
+    del store
