@@ -196,6 +196,26 @@ def test_rerun_of_a_failed_job_resumes_from_memory(cluster, golden2):
     assert cluster.segments() == []
 
 
+def test_a_rerun_with_another_world_size_is_refused_not_started_over(cluster):
+    """Snapshots are per rank of the world that took them: a rerun with 3 ranks (an elastic re-rendezvous that
+    changed the node count looks the same) must stop with an error saying so, not start from step 0 beside
+    them, nor restore 2 ranks' state into 3. The snapshots stay for a rerun with 2 ranks."""
+    first = cluster.ftmem_run([*TWO, "--max-restarts", "0"], STEPS, name="first", FTMEM_CRASH_AT="mid_copy@13@1",
+                              FTMEM_CRASH_MARKER=str(cluster.tmp / "crash"))
+    cluster.wait(first, timeout=120)
+    assert first.returncode != 0, cluster.logs()
+    kept = cluster.segments()
+    cluster.wait_until(lambda: not job_processes(cluster), 30, "every process of the failed job to exit")
+
+    three = cluster.ftmem_run(["--nproc-per-node", "3", "--max-restarts", "0"], STEPS, name="three")
+    out = cluster.wait(three, timeout=120)
+    assert three.returncode != 0, out
+    assert re.search(r"the snapshots in memory \(up to step 1[23]\) were taken by a world of 2 ranks, and this "
+                     r"job has 3", out), out
+    assert not restored_steps(out) and "step 0 loss" not in out, out
+    assert set(kept) <= set(cluster.segments()), "the old world's snapshots must be kept"
+
+
 # ------------------------------------------------------------------------------------------------ corruption
 
 

@@ -69,24 +69,34 @@ def _all_gather_rows(row: torch.Tensor, world: int) -> list[torch.Tensor]:
     return [r.cpu() for r in rows]
 
 
-def _agree(local: tuple[int, list[list[int]]] | str, world: int, lost: str = "") -> tuple[tuple[int, int] | None, int]:
-    """Return the newest (step, epoch) on every rank's list and the new epoch; `local` is an error string when
-    this rank failed before agreement; `lost` is what this rank's SMP knows about data it could not rebuild."""
-    row = torch.full((2 + 2 * MAX_CANDIDATES,), -1, dtype=torch.int64)
+def _agree(local: tuple[int, list[list[int]], int] | str, world: int,
+           lost: str = "") -> tuple[tuple[int, int] | None, int]:
+    """Return the newest (step, epoch) on every rank's list and the new epoch; `local` is (epoch, snapshots,
+    the world size that took them) or an error string when this rank failed before agreement; `lost` is what this
+    rank's SMP knows about data it could not rebuild."""
+    row = torch.full((3 + 2 * MAX_CANDIDATES,), -1, dtype=torch.int64)
     if isinstance(local, str):
         row[1] = -2
     else:
-        epoch, steps = local
+        epoch, steps, taken_by = local
         steps = steps[:MAX_CANDIDATES]
-        row[0], row[1] = epoch, len(steps)
+        row[0], row[1], row[2] = epoch, len(steps), taken_by
         for i, (s, e) in enumerate(steps):
-            row[2 + 2 * i], row[3 + 2 * i] = s, e
+            row[3 + 2 * i], row[4 + 2 * i] = s, e
     rows = _all_gather_rows(row, world)
     failed = [r for r, x in enumerate(rows) if int(x[1]) == -2]
     if failed:
         detail = local if isinstance(local, str) else "see the log of the failed ranks"
         raise RestoreError(f"ftmem: restore failed on rank(s) {failed}: {detail}")
-    lists = [{(int(x[2 + 2 * i]), int(x[3 + 2 * i])) for i in range(int(x[1]))} for x in rows]
+    lists = [{(int(x[3 + 2 * i]), int(x[4 + 2 * i])) for i in range(int(x[1]))} for x in rows]
+    other = sorted({int(x[2]) for x in rows} - {0, world})
+    if other:
+        newest = max((s for snaps in lists for s, _ in snaps), default=None)
+        raise RestoreError(f"ftmem: the snapshots in memory{'' if newest is None else f' (up to step {newest})'} were "
+                           f"taken by a world of {other[0]} ranks, and this job has {world} (did an elastic "
+                           f"re-rendezvous change the node count?). ftmem restores a snapshot only into the world "
+                           f"size that took it: restart with {other[0]} ranks, or remove them ('ftmem clean') to "
+                           f"start over.")
     common = set.intersection(*lists)
     if not common and any(lists):
         empty = [r for r, snaps in enumerate(lists) if not snaps]
@@ -140,12 +150,12 @@ def load_segment(name: str, rank: int, step: int) -> tuple[dict[str, torch.Tenso
 def restore_rank(client: ControlClient, rank: int, world: int, local_rank: int, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, extra: Mapping[str, Stateful]) -> RestoreResult:
     start = time.perf_counter()
-    local: tuple[int, list[list[int]]] | str
+    local: tuple[int, list[list[int]], int] | str
     lost = ""
     try:
         client.call("register", rank=rank, world=world, local_rank=local_rank, pid=os.getpid())
         reply = client.call("available", rank=rank)
-        local, lost = (reply["epoch"], reply["steps"]), reply.get("lost", "")
+        local, lost = (reply["epoch"], reply["steps"], reply["world"]), reply["lost"]
     except Exception as exc:  # reported to every rank by _agree
         local = f"{type(exc).__name__}: {exc}"
     chosen, epoch = _agree(local, world, lost)

@@ -237,6 +237,12 @@ class BufferStore:
     def has_complete(self) -> bool:
         return any(rb.complete() for rb in self.ranks.values())
 
+    def snapshot_world(self) -> int:
+        """The world size that took the newest complete snapshot held here (0: none): a restore into another
+        world size cannot use these snapshots."""
+        done = [b.header for rb in self.ranks.values() for b in rb.buffers if b.header.state == BufferState.COMPLETE]
+        return max(done, key=lambda h: (h.epoch, h.step)).world if done else 0
+
     def close(self, unlink_all: bool) -> None:
         for rank, index in list(self._creating):
             self._discard(rank, index)

@@ -87,8 +87,7 @@ class SnapshotDaemon:
         adopted = self.store.adopt()
         for rank, rb in self.store.ranks.items():
             self.tracker.set_complete(rank, rb.complete())
-            self.tracker.world = max(self.tracker.world or 0,
-                                     max((b.header.world for b in rb.buffers), default=0)) or None
+        self.tracker.world = self.store.snapshot_world() or None
         self.tracker.evaluate()
         if adopted:
             log.info("re-adopted %d verified snapshot(s) of job %s node %d; committed step %s",
@@ -232,8 +231,8 @@ class SnapshotDaemon:
         if not 0 <= rank < world:
             raise RequestError(f"rank {rank} is outside a world of {world}")
         if self.tracker.world not in (None, world):
-            log.warning("world size changed from %s to %d; older snapshots cannot be restored", self.tracker.world,
-                        world)
+            log.warning("world size changed from %s to %d; the snapshots of the old world cannot be restored",
+                        self.tracker.world, world)
         self.tracker.world = world
         self.ranks[rank] = _RankInfo(msg["pid"], msg["local_rank"])
         rb = self.store.of(rank)
@@ -245,14 +244,14 @@ class SnapshotDaemon:
     def _op_available(self, msg):
         """What this rank can restore: its snapshots here and at live peers (moved ranks), newest first."""
         if self.cluster is None:
-            snaps = self.store.of(msg["rank"]).complete()
-            return {"epoch": self.tracker.epoch, "steps": [list(s) for s in sorted(snaps, reverse=True)], "lost": ""}
-        if self.cluster.rebuilding:
+            snaps, lost = self.store.of(msg["rank"]).complete(), ""
+        elif self.cluster.rebuilding:
             return None  # ranks restore only after this node's data is rebuilt
-        live = {LOCAL} | {n for n in self.cluster.peers if self.cluster.alive(n)}
-        snaps = self.tracker.complete(msg["rank"], live)
-        return {"epoch": self.tracker.epoch, "steps": [list(s) for s in sorted(snaps, reverse=True)],
-                "lost": self.cluster.rebuild_error or ""}
+        else:
+            live = {LOCAL} | {n for n in self.cluster.peers if self.cluster.alive(n)}
+            snaps, lost = self.tracker.complete(msg["rank"], live), self.cluster.rebuild_error or ""
+        return {"epoch": self.tracker.epoch, "steps": [list(s) for s in sorted(snaps, reverse=True)], "lost": lost,
+                "world": self.store.snapshot_world()}
 
     def _op_begin(self, msg):
         """Open epoch `epoch` restarting after `step` (-1: from scratch); only once the rank's snapshot is here."""
