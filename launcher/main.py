@@ -15,6 +15,8 @@ import sys
 from typing import Sequence
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import DEFAULT_PORT as C10D_DEFAULT_PORT
+from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 from torch.distributed.run import get_args_parser, parse_min_max_nnodes, run
 
 from ftmem.erasure import ErasureConfigError, check_config, default_group_size
@@ -113,7 +115,8 @@ def _cluster_args(args: argparse.Namespace, max_nodes: int) -> list[str]:
         raise SystemExit(f"ftmem-run: --ftmem-ec-nice must be in 0..19, got {args.ftmem_ec_nice}")
     if args.ftmem_secret_file:
         os.environ["FTMEM_SECRET_FILE"] = os.path.abspath(args.ftmem_secret_file)
-    out = ["--buffers", str(buffers or 4), "--nnodes", str(max_nodes), "--store", args.rdzv_endpoint,
+    host, port = parse_rendezvous_endpoint(args.rdzv_endpoint, default_port=C10D_DEFAULT_PORT)  # as torchrun does
+    out = ["--buffers", str(buffers or 4), "--nnodes", str(max_nodes), "--store", f"{host}:{port}",
            "--ec-group", str(ec_group), "--ec-parity", str(args.ftmem_ec_parity), "--nice", str(args.ftmem_ec_nice)]
     return out + (["--peer-host", args.ftmem_peer_host] if args.ftmem_peer_host else [])
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import ftmem.launcher.main as launcher
-from ftmem.launcher.main import _node_id, build_parser
+from ftmem.launcher.main import _cluster_args, _node_id, build_parser
 from torch.distributed.run import parse_min_max_nnodes
 
 C10D = ["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29999"]
@@ -51,3 +51,12 @@ def test_node_identity_comes_from_the_node_rank_or_the_ftmem_node_id(monkeypatch
     assert node_id(["--standalone", "--nproc-per-node", "2"]) == (0, 0)  # one node: no identity needed
     monkeypatch.setenv("PET_NODE_RANK", "1")  # torchrun's environment form of --node-rank
     assert node_id(["--nnodes", "3", *C10D]) == (1, 1)
+
+
+@pytest.mark.parametrize("endpoint, store", [("127.0.0.1:29500", "127.0.0.1:29500"), ("node0", "node0:29400")])
+def test_the_smps_meet_at_the_rendezvous_endpoint_torchrun_uses(endpoint, store):
+    """torchrun's c10d backend defaults the endpoint's port to 29400; the SMPs' directory must use the same."""
+    args = build_parser().parse_args(["--nnodes", "3", "--node-rank", "0", "--rdzv-backend", "c10d",
+                                      "--rdzv-endpoint", endpoint, "train.py"])
+    smp_args = _cluster_args(args, 3)
+    assert smp_args[smp_args.index("--store") + 1] == store
