@@ -701,3 +701,27 @@ def test_a_group_missing_a_member_says_its_steps_are_unprotected(cluster):
     snapshot(1)
     assert cluster.output(smp[0]).count(warning) == 1, cluster.logs()
     del store
+
+
+def test_a_node_started_with_other_ec_settings_is_refused(cluster):
+    """Every node must lay out the same EC groups. A node started with another --ftmem-ec-parity than the
+    job's first one does not join (its parity would not fit the group's): its SMP logs why and its ranks cannot
+    start, with an error saying what differs, while the other node goes on serving."""
+    from torch.distributed import TCPStore
+
+    port = free_port()
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+    args = ["--nnodes", "3", "--store", f"127.0.0.1:{port}", "--peer-host", "127.0.0.1", "--timeout", "30"]
+    smp0 = cluster.start_smp(*args, "--ec-parity", "1", node=0, name="smp0", FTMEM_SECRET=SECRET)
+    cluster.wait_until(lambda: "peer endpoint" in cluster.output(smp0), 30, "node 0 to join")
+    smp1 = cluster.start_smp(*args, "--ec-parity", "2", node=1, name="smp1", FTMEM_SECRET=SECRET)
+    client = cluster.client(1, timeout=30.0)
+    client.call("register", rank=1, world=3, local_rank=0, pid=1001)
+    with pytest.raises(SmpError) as refused:
+        client.call("available", rank=1)
+    why = ("this node runs with nnodes=3 ec_group=3 ec_parity=2, the job's other nodes with nnodes=3 ec_group=3 "
+           "ec_parity=1: start every node with the same --nnodes, --ftmem-ec-group and --ftmem-ec-parity")
+    assert "node 1's SMP is not part of its EC group" in str(refused.value) and why in str(refused.value)
+    assert why in cluster.output(smp1) and "peer endpoint" not in cluster.output(smp1), cluster.logs()
+    assert cluster.client(0).call("status")["ec_parity"] == 1 and smp0.poll() is None
+    del store

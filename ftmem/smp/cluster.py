@@ -160,6 +160,7 @@ class Cluster:
         self.ready = False
         self.rebuilding = True       # ranks may not restore before the rebuild check is done
         self.rebuild_error: str | None = None
+        self.join_error: str | None = None  # why this SMP is not part of its EC group: its ranks may not start
         self.meta: GroupMeta | None = None   # of the protected step
         self.protected: int | None = None
         self.member_round: _MemberRound | None = None
@@ -185,6 +186,8 @@ class Cluster:
         push.connect(EVENTS)
         try:
             self.directory.connect()
+            self.directory.agree(f"nnodes={self.cfg.nnodes} ec_group={self.cfg.ec_group} "
+                                 f"ec_parity={self.cfg.ec_parity}")
             secret = self.cfg.secret or self.directory.secret()
             push.send(msgpack.packb({"ev": "connected", "secret": secret}))
         except Exception as exc:
@@ -546,8 +549,10 @@ class Cluster:
         if kind == "connected":
             self._on_connected(ev["secret"])
         elif kind == "connect_failed":
-            log.error("cannot reach the job's rendezvous store at %s: %s", self.cfg.store, ev["error"])
-            self.rebuilding, self.rebuild_error = False, f"peer discovery failed: {ev['error']}"
+            self.join_error = f"it cannot join its peers through the rendezvous store at {self.cfg.store}: {ev['error']}"
+            log.error("%s", self.join_error)
+            self.rebuilding = False
+            self.d.on_commit_state_changed()
         elif kind == "encoded":
             self.pending_meta = GroupMeta.unpack(ev["meta"])
             self.stats["last_round_s"], self.stats["last_round_step"] = ev["seconds"], ev["step"]

@@ -50,6 +50,15 @@ class Directory:
         value = self._store.compare_set(key, "", secrets.token_hex(32))
         return bytes(value)
 
+    def agree(self, settings: str) -> None:
+        """Every node of a job must lay out the same EC groups: the first SMP records its settings in the store,
+        and an SMP whose settings differ raises instead of joining (its parity would not fit its group's)."""
+        assert self._store is not None
+        found = self._store.compare_set(self._prefix + "settings", "", settings).decode()
+        if found != settings:
+            raise ValueError(f"this node runs with {settings}, the job's other nodes with {found}: start every node "
+                             f"with the same --nnodes, --ftmem-ec-group and --ftmem-ec-parity")
+
     def publish(self, endpoint: str, incarnation: str) -> None:
         assert self._store is not None
         self._store.set(f"{self._prefix}smp/{self.node}", msgpack.packb([endpoint, incarnation]))
