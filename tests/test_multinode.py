@@ -725,3 +725,18 @@ def test_a_node_started_with_other_ec_settings_is_refused(cluster):
     assert why in cluster.output(smp1) and "peer endpoint" not in cluster.output(smp1), cluster.logs()
     assert cluster.client(0).call("status")["ec_parity"] == 1 and smp0.poll() is None
     del store
+
+
+def test_an_smp_started_before_the_rendezvous_store_waits_for_it(cluster):
+    """A node may start before the node hosting the rendezvous store. Its SMP keeps trying (saying so in its log)
+    and joins once the store is up; its ranks, meanwhile, wait for it."""
+    from torch.distributed import TCPStore
+
+    port = free_port()
+    args = ["--nnodes", "2", "--store", f"127.0.0.1:{port}", "--peer-host", "127.0.0.1", "--timeout", "2"]
+    smp = cluster.start_smp(*args, node=0, name="smp0", FTMEM_SECRET=SECRET)
+    cluster.wait_until(lambda: "is not reachable yet" in cluster.output(smp), 30, "the SMP to miss the store")
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+    cluster.wait_until(lambda: "peer endpoint" in cluster.output(smp), 30, "the SMP to join once the store is up")
+    assert cluster.client(0).call("status")["endpoint"], cluster.logs()
+    del store

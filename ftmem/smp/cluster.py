@@ -32,7 +32,7 @@ from ftmem.faults import crash_point
 from ftmem.log import get_logger
 from ftmem.recovery.rebuild import RebuildError, fetch_payload, newest_protected, rebuild_node, verify
 from ftmem.smp.buffers import Buffer
-from ftmem.smp.directory import Directory
+from ftmem.smp.directory import Directory, StoreUnreachable
 from ftmem.smp.layout import HEADER_SIZE, BufferState, Header
 from ftmem.smp.nodedata import NodeData, Part
 from ftmem.smp.parity import ParityStore
@@ -182,10 +182,18 @@ class Cluster:
     # ---- start-up --------------------------------------------------------------------------------------------
 
     def _connect(self) -> None:
+        """Reach the job's rendezvous store, agree on the EC settings and the secret, then hand over to the event
+        loop. A store not up yet (its node starts later) is waited for as long as this SMP lives: the elastic agent
+        waits for it too, and the ranks, which only start once it is up, wait for this SMP with a timeout."""
         push = zmq.Context.instance().socket(zmq.PUSH)
         push.connect(EVENTS)
         try:
-            self.directory.connect()
+            while True:
+                try:
+                    self.directory.connect()
+                    break
+                except StoreUnreachable as exc:
+                    push.send(msgpack.packb({"ev": "store_unreachable", "error": str(exc)}))
             self.directory.agree(f"nnodes={self.cfg.nnodes} ec_group={self.cfg.ec_group} "
                                  f"ec_parity={self.cfg.ec_parity}")
             secret = self.cfg.secret or self.directory.secret()
@@ -548,6 +556,9 @@ class Cluster:
         kind = ev["ev"]
         if kind == "connected":
             self._on_connected(ev["secret"])
+        elif kind == "store_unreachable":
+            log.warning("the job's rendezvous store at %s is not reachable yet (%s); still trying", self.cfg.store,
+                        ev["error"])
         elif kind == "connect_failed":
             self.join_error = f"it cannot join its peers through the rendezvous store at {self.cfg.store}: {ev['error']}"
             log.error("%s", self.join_error)

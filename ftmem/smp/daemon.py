@@ -205,7 +205,10 @@ class SnapshotDaemon:
 
     def _stuck_reason(self, msg: dict[str, Any]) -> str:
         if msg["op"] != "prepare":
-            return f"timed out after {self.timeout:.0f}s: {msg['op']} of rank {msg.get('rank')} still cannot be served"
+            unjoined = (f" (this node's SMP has not reached the job's rendezvous store at {self.cluster.cfg.store})"
+                        if self.cluster is not None and not self.cluster.ready else "")
+            return (f"timed out after {self.timeout:.0f}s: {msg['op']} of rank {msg.get('rank')} still cannot be "
+                    f"served{unjoined}")
         rb = self.store.of(msg["rank"])
         newest = max((b.complete_step for b in rb.buffers if b.complete_step is not None), default=None)
         epoch = self.tracker.epoch

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 log = get_logger("smp")
 
 
+class StoreUnreachable(ConnectionError):
+    """The rendezvous store did not answer within the timeout (not up yet, or unreachable)."""
+
+
 class Directory:
     """Background thread publishing this SMP and collecting peers: node -> (endpoint, incarnation)."""
 
@@ -38,10 +42,13 @@ class Directory:
         self._stop = threading.Event()
 
     def connect(self) -> None:
-        from torch.distributed import TCPStore  # only multi-node SMPs pay for importing torch
+        from torch.distributed import DistNetworkError, TCPStore  # only multi-node SMPs pay for importing torch
 
-        self._store = TCPStore(self._host, self._port, is_master=False, timeout=timedelta(seconds=self.timeout),
-                               wait_for_workers=False)
+        try:
+            self._store = TCPStore(self._host, self._port, is_master=False, timeout=timedelta(seconds=self.timeout),
+                                   wait_for_workers=False)
+        except DistNetworkError as exc:
+            raise StoreUnreachable(str(exc).splitlines()[0]) from None  # (the rest is a C++ stack)
 
     def secret(self) -> bytes:
         """The job's shared secret, created by the first SMP that asks."""
