@@ -721,7 +721,7 @@ def test_a_node_started_with_other_ec_settings_is_refused(cluster):
         client.call("available", rank=1)
     why = ("this node runs with nnodes=3 ec_group=3 ec_parity=2, the job's other nodes with nnodes=3 ec_group=3 "
            "ec_parity=1: start every node with the same --nnodes, --ftmem-ec-group and --ftmem-ec-parity")
-    assert "node 1's SMP is not part of its EC group" in str(refused.value) and why in str(refused.value)
+    assert "node 1's SMP cannot join its EC group: " in str(refused.value) and why in str(refused.value)
     assert why in cluster.output(smp1) and "peer endpoint" not in cluster.output(smp1), cluster.logs()
     assert cluster.client(0).call("status")["ec_parity"] == 1 and smp0.poll() is None
     del store

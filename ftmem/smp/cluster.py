@@ -560,8 +560,8 @@ class Cluster:
             log.warning("the job's rendezvous store at %s is not reachable yet (%s); still trying", self.cfg.store,
                         ev["error"])
         elif kind == "connect_failed":
-            self.join_error = f"it cannot join its peers through the rendezvous store at {self.cfg.store}: {ev['error']}"
-            log.error("%s", self.join_error)
+            self.join_error = ev["error"]
+            log.error("this SMP cannot join its EC group (rendezvous store %s): %s", self.cfg.store, self.join_error)
             self.rebuilding = False
             self.d.on_commit_state_changed()
         elif kind == "encoded":

@@ -249,7 +249,7 @@ class SnapshotDaemon:
         if self.cluster is None:
             snaps, lost = self.store.of(msg["rank"]).complete(), ""
         elif self.cluster.join_error:
-            raise RequestError(f"node {self.env.node}'s SMP is not part of its EC group: {self.cluster.join_error}")
+            raise RequestError(f"node {self.env.node}'s SMP cannot join its EC group: {self.cluster.join_error}")
         elif self.cluster.rebuilding:
             return None  # ranks restore only after this node's data is rebuilt
         else:
