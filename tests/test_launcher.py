@@ -3,6 +3,8 @@ starts (no SMP, no shared memory), with an error that says what to pass."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import ftmem.launcher.main as launcher
@@ -13,12 +15,16 @@ C10D = ["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29999"]
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
-    """main() exports its settings to the environment for the SMP and the workers: restore them afterwards."""
-    for name in ("FTMEM_JOB_ID", "FTMEM_NODE_ID", "FTMEM_MANAGED", "FTMEM_TIMEOUT", "FTMEM_SMP_ADDR",
-                 "FTMEM_SECRET_FILE", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "PET_NODE_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("FTMEM_RUNTIME_DIR", str(tmp_path))
+def _isolated(tmp_path):
+    """main() exports its settings to the environment (for the SMP and the workers), and a node id left there
+    would become every later test's --ftmem-node-id: the environment is restored whole afterwards."""
+    saved = dict(os.environ)
+    for name in [n for n in os.environ if n.startswith(("FTMEM_", "PET_"))]:
+        del os.environ[name]
+    os.environ["FTMEM_RUNTIME_DIR"] = str(tmp_path)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def node_id(argv: list[str]) -> tuple[int, int]:
