@@ -178,6 +178,10 @@ def test_hook_under_plain_python(cluster, golden1):
 
 
 def test_rerun_of_a_failed_job_resumes_from_memory(cluster, golden2):
+    """A failed job keeps its snapshots; a rerun with the same job id resumes from them bit-identically. A rerun
+    with another world size (3 ranks; an elastic re-rendezvous that changed the node count looks the same) is
+    refused with an error saying so, never started from step 0 beside them nor given 2 ranks' state for 3, and
+    leaves them for the right rerun."""
     first = cluster.ftmem_run([*TWO, "--max-restarts", "0"], STEPS, name="first", FTMEM_CRASH_AT="mid_copy@13@1",
                               FTMEM_CRASH_MARKER=str(cluster.tmp / "crash"))
     out1 = cluster.wait(first, timeout=120)
@@ -187,6 +191,15 @@ def test_rerun_of_a_failed_job_resumes_from_memory(cluster, golden2):
     assert kept, "a failed job must keep its snapshots in memory"
     cluster.wait_until(lambda: not job_processes(cluster), 30, "every process of the failed job to exit")
 
+    three = cluster.ftmem_run(["--nproc-per-node", "3", "--max-restarts", "0"], STEPS, name="three")
+    out3 = cluster.wait(three, timeout=120)
+    assert three.returncode != 0, out3
+    assert re.search(r"the snapshots in memory \(up to step 1[23]\) were taken by a world of 2 ranks, and this "
+                     r"job has 3", out3), out3
+    assert not restored_steps(out3) and "step 0 loss" not in out3, out3
+    assert set(kept) <= set(cluster.segments()), "the old world's snapshots must be kept"
+    cluster.wait_until(lambda: not job_processes(cluster), 30, "every process of the refused job to exit")
+
     second = cluster.ftmem_run(TWO, STEPS, name="second")
     out2 = wait_ok(cluster, second)
     assert restored_steps(out2) and restored_steps(out2)[0] == 12, out2
@@ -194,26 +207,6 @@ def test_rerun_of_a_failed_job_resumes_from_memory(cluster, golden2):
     assert final_hash(out2) == golden2
     assert "re-adopted" in cluster.smp_log()
     assert cluster.segments() == []
-
-
-def test_a_rerun_with_another_world_size_is_refused_not_started_over(cluster):
-    """Snapshots are per rank of the world that took them: a rerun with 3 ranks (an elastic re-rendezvous that
-    changed the node count looks the same) must stop with an error saying so, not start from step 0 beside
-    them, nor restore 2 ranks' state into 3. The snapshots stay for a rerun with 2 ranks."""
-    first = cluster.ftmem_run([*TWO, "--max-restarts", "0"], STEPS, name="first", FTMEM_CRASH_AT="mid_copy@13@1",
-                              FTMEM_CRASH_MARKER=str(cluster.tmp / "crash"))
-    cluster.wait(first, timeout=120)
-    assert first.returncode != 0, cluster.logs()
-    kept = cluster.segments()
-    cluster.wait_until(lambda: not job_processes(cluster), 30, "every process of the failed job to exit")
-
-    three = cluster.ftmem_run(["--nproc-per-node", "3", "--max-restarts", "0"], STEPS, name="three")
-    out = cluster.wait(three, timeout=120)
-    assert three.returncode != 0, out
-    assert re.search(r"the snapshots in memory \(up to step 1[23]\) were taken by a world of 2 ranks, and this "
-                     r"job has 3", out), out
-    assert not restored_steps(out) and "step 0 loss" not in out, out
-    assert set(kept) <= set(cluster.segments()), "the old world's snapshots must be kept"
 
 
 # ------------------------------------------------------------------------------------------------ corruption

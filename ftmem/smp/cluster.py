@@ -170,8 +170,7 @@ class Cluster:
         self.stats: dict[str, Any] = {"rounds_ok": 0, "rounds_failed": 0, "last_round_s": None,
                                       "last_round_step": None, "last_round_bytes": 0, "rebuild_s": None, "lag_steps": 0}
         self._next_heartbeat = 0.0
-        self._absent_since: float | None = None  # on the listening clock: since when members are missing
-        self._absent_warned = False
+        self._absent_warned = False  # that the group lacks members (see `_note_absent`)
         self._rebuild_started = 0.0
         self.clock = 0.0  # seconds this SMP has been listening to its peers (see `alive`)
         self._last_tick = time.monotonic()
@@ -270,6 +269,7 @@ class Cluster:
         if now >= self._next_heartbeat:
             self.broadcast_report()
             self._next_heartbeat = now + HEARTBEAT_S
+        self._note_absent()
         self._lead(now)
 
     def _set_priority(self) -> None:
@@ -392,12 +392,11 @@ class Cluster:
                             f"members {changed} lost" if changed else "timed out")
                 self._finish_round(False)
             return
-        absent = [m for m in self.members if not self.alive(m)]
-        self._note_absent(absent)
         committed = self.d.tracker.committed
         if self.rebuilding or not self.schedule.due(committed, now) or not self.d.tracker.held_by_all(committed):
             return  # (not held by all: a node died with its ranks' copies; the restore will restart the job)
-        if absent or any(self.peers[m].rebuilding for m in self.members if m != self.node):
+        if not all(self.alive(m) for m in self.members) or any(self.peers[m].rebuilding for m in self.members
+                                                                if m != self.node):
             return  # a member being rebuilt could not take part; once rebuilt it reports, and the round starts
         self.leading = _Round(committed, now + self.d.timeout,
                               {m: self.incarnation if m == self.node else self.peers[m].incarnation
@@ -406,20 +405,19 @@ class Cluster:
         for m in self.members:
             self._send(m, "ec_start", step=committed)
 
-    def _note_absent(self, absent: list[int]) -> None:
-        """Say so when the group has lacked members for PEER_TIMEOUT_S (a node lost and not yet replaced, or one
-        that never joined, e.g. an elastic job running below --nnodes' maximum): no step is protected meanwhile."""
-        if absent and self._absent_since is None:
-            self._absent_since = self.clock
-        if not absent and self._absent_since is not None:
-            if self._absent_warned:
-                log.info("EC group %s is whole again: committed steps are protected again", list(self.members))
-            self._absent_since, self._absent_warned = None, False
-        elif absent and not self._absent_warned and self.clock - self._absent_since >= PEER_TIMEOUT_S:
+    def _note_absent(self) -> None:
+        """Say so (every member, in its own log) while the group lacks members and has a committed step to protect:
+        a node lost and not yet replaced, or one that never joined (an elastic job running below --nnodes'
+        maximum). No step is protected meanwhile."""
+        absent = [m for m in self.members if not self.alive(m)]
+        if absent and not self._absent_warned and self.d.tracker.committed is not None:
             log.warning("EC group %s: node(s) %s not reachable (never joined, or lost and not replaced); committed "
                         "steps stay unprotected until they are back (newest protected: %s)", list(self.members),
                         absent, "none" if self.protected is None else self.protected)
             self._absent_warned = True
+        elif not absent and self._absent_warned:
+            log.info("EC group %s is whole again: committed steps are protected again", list(self.members))
+            self._absent_warned = False
 
     def _finish_round(self, ok: bool) -> None:
         step = self.leading.step
