@@ -408,16 +408,21 @@ class Cluster:
     def _note_absent(self) -> None:
         """Say so (every member, in its own log) while the group lacks members and has a committed step to protect:
         a node lost and not yet replaced, or one that never joined (an elastic job running below --nnodes'
-        maximum). No step is protected meanwhile."""
-        absent = [m for m in self.members if not self.alive(m)]
-        if absent and not self._absent_warned and self.d.tracker.committed is not None:
+        maximum). No step is protected meanwhile. Not for a peer that has just been discovered and not reported
+        yet, nor in this SMP's first PEER_TIMEOUT_S (a restarted SMP has steps before it has heard its peers)."""
+        gone = [m for m in self.members if not self.alive(m)]
+        if not gone:
+            if self._absent_warned:
+                log.info("EC group %s is whole again: committed steps are protected again", list(self.members))
+                self._absent_warned = False
+            return
+        absent = [m for m in gone if not (m in self.peers and self.peers[m].awaiting_first_report(self.clock))]
+        if absent and not self._absent_warned and self.d.tracker.committed is not None \
+                and self.clock >= PEER_TIMEOUT_S:
             log.warning("EC group %s: node(s) %s not reachable (never joined, or lost and not replaced); committed "
                         "steps stay unprotected until they are back (newest protected: %s)", list(self.members),
                         absent, "none" if self.protected is None else self.protected)
             self._absent_warned = True
-        elif not absent and self._absent_warned:
-            log.info("EC group %s is whole again: committed steps are protected again", list(self.members))
-            self._absent_warned = False
 
     def _finish_round(self, ok: bool) -> None:
         step = self.leading.step
