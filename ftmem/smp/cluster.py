@@ -413,7 +413,7 @@ class Cluster:
         gone = [m for m in self.members if not self.alive(m)]
         if not gone:
             if self._absent_warned:
-                log.info("EC group %s is whole again: committed steps are protected again", list(self.members))
+                log.info("EC group %s is whole again", list(self.members))
                 self._absent_warned = False
             return
         absent = [m for m in gone if not (m in self.peers and self.peers[m].awaiting_first_report(self.clock))]
