@@ -84,8 +84,6 @@ def _node_id(args: argparse.Namespace, max_nodes: int) -> int:
     else --node-rank. torchrun's c10d rendezvous ignores --node-rank (it assigns group ranks itself), so its
     default of 0 says nothing: without an explicit id every node of a multi-node job would claim node 0."""
     given = args.ftmem_node_id if args.ftmem_node_id is not None else args.node_rank
-    if args.node_rank is None:
-        args.node_rank = 0  # torchrun's default, which its static rendezvous reads
     if max_nodes == 1:
         return given or 0
     if given is None:
@@ -129,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     _, max_nodes = parse_min_max_nnodes(args.nnodes)
     env = NodeEnv(_job_id(args), _node_id(args, max_nodes))
+    if args.node_rank is None:
+        args.node_rank = 0  # torchrun's default, which its static rendezvous reads
     os.environ.update(FTMEM_JOB_ID=env.job, FTMEM_NODE_ID=str(env.node), FTMEM_MANAGED="1",
                       FTMEM_TIMEOUT=str(args.ftmem_timeout), FTMEM_SMP_ADDR=env.control_address)
     smp_args = ["--timeout", str(args.ftmem_timeout), *_cluster_args(args, max_nodes)]

@@ -27,10 +27,10 @@ def _isolated(tmp_path):
     os.environ.update(saved)
 
 
-def node_id(argv: list[str]) -> tuple[int, int]:
-    """(ftmem node id, the node rank torchrun gets) for `ftmem-run ARGV train.py`."""
+def node_id(argv: list[str]) -> int:
+    """ftmem's node id for `ftmem-run ARGV train.py`."""
     args = build_parser().parse_args([*argv, "train.py"])
-    return _node_id(args, parse_min_max_nnodes(args.nnodes)[1]), args.node_rank
+    return _node_id(args, parse_min_max_nnodes(args.nnodes)[1])
 
 
 @pytest.mark.parametrize("argv, error", [
@@ -51,12 +51,12 @@ def test_a_misconfigured_node_is_refused_before_anything_starts(argv, error, mon
 
 
 def test_node_identity_comes_from_the_node_rank_or_the_ftmem_node_id(monkeypatch):
-    assert node_id(["--nnodes", "3", "--node-rank", "2", *C10D]) == (2, 2)
-    assert node_id(["--nnodes", "3", "--ftmem-node-id", "1", *C10D]) == (1, 0)  # torchrun gets its default
-    assert node_id(["--nnodes", "3", "--node-rank", "0", "--ftmem-node-id", "2", *C10D]) == (2, 0)
-    assert node_id(["--standalone", "--nproc-per-node", "2"]) == (0, 0)  # one node: no identity needed
+    assert node_id(["--nnodes", "3", "--node-rank", "2", *C10D]) == 2
+    assert node_id(["--nnodes", "3", "--ftmem-node-id", "1", *C10D]) == 1
+    assert node_id(["--nnodes", "3", "--node-rank", "0", "--ftmem-node-id", "2", *C10D]) == 2
+    assert node_id(["--standalone", "--nproc-per-node", "2"]) == 0  # one node: no identity needed
     monkeypatch.setenv("PET_NODE_RANK", "1")  # torchrun's environment form of --node-rank
-    assert node_id(["--nnodes", "3", *C10D]) == (1, 1)
+    assert node_id(["--nnodes", "3", *C10D]) == 1
 
 
 @pytest.mark.parametrize("endpoint, store", [("127.0.0.1:29500", "127.0.0.1:29500"), ("node0", "node0:29400")])
