@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Sequence
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import DEFAULT_PORT as C10D_DEFAULT_PORT
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
@@ -134,16 +136,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     smp_args = ["--timeout", str(args.ftmem_timeout), *_cluster_args(args, max_nodes)]
     supervisor = SmpSupervisor(env, smp_args, timeout=args.ftmem_timeout)
     supervisor.start()
-    ok = False
+    code = 1
     try:
         run(args)
-        ok = True
+        code = 0
     except ChildFailedError as exc:
         log.error("job %s failed on node %d; snapshots are kept in memory for a rerun:\n%s", env.job, env.node,
                   exc.format_msg())
+    except SignalException as exc:  # Ctrl-C, or the scheduler preempting the node: an ending, not a bug
+        log.error("job %s stopped on node %d by %s; its snapshots are kept in memory: the same command resumes "
+                  "from them", env.job, env.node, signal.Signals(exc.sigval).name)
+        code = 128 + exc.sigval
     finally:
-        supervisor.stop(cleanup=ok and not args.ftmem_keep)
-    return 0 if ok else 1
+        supervisor.stop(cleanup=code == 0 and not args.ftmem_keep)
+    return code
 
 
 if __name__ == "__main__":

@@ -209,6 +209,21 @@ def test_rerun_of_a_failed_job_resumes_from_memory(cluster, golden2):
     assert cluster.segments() == []
 
 
+def test_ctrl_c_stops_the_job_and_keeps_its_snapshots(cluster):
+    """SIGINT to ftmem-run's process group (a Ctrl-C; a scheduler's SIGTERM is handled the same way) ends the
+    job with a line saying the snapshots are kept and how to resume, not a traceback, and exit code 128 + 2."""
+    run = cluster.ftmem_run(TWO, [*STEPS, *SLOW], name="interrupted")
+    cluster.wait_for_line(run, "step 5 loss")
+    os.killpg(run.pid, signal.SIGINT)
+    out = cluster.wait(run, timeout=60)
+    assert run.returncode == 128 + signal.SIGINT, out
+    assert f"job {cluster.job} stopped on node 0 by SIGINT; its snapshots are kept in memory: the same command " \
+           f"resumes from them" in out, out
+    assert "Traceback" not in out.split("stopped on node 0 by SIGINT")[1], out
+    assert cluster.segments(), "the snapshots of an interrupted job must be kept"
+    assert "stopped (segments kept)" in cluster.smp_log(), cluster.logs()
+
+
 # ------------------------------------------------------------------------------------------------ corruption
 
 
