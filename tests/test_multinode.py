@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from conftest import EXAMPLE, Cluster, final_hash, free_port
 from ftmem.smp.cluster import PEER_TIMEOUT_S
-from ftmem.smp.peer import MAX_PEER_BYTES, PeerCodec, PeerLink
+from ftmem.smp.peer import MAX_PEER_BYTES, PeerCodec, PeerLink, secret_id
 from ftmem.smp.process import autogrouping, effective_nice
 from ftmem.smp.protocol import ControlClient, SmpError, SmpUnavailable
 
@@ -679,10 +679,11 @@ def test_a_rank_that_moved_frees_its_buffers_on_its_old_node_once_the_job_moved_
 
 
 
-def test_a_node_started_with_other_ec_settings_is_refused(cluster):
-    """Every node must lay out the same EC groups. A node started with another --ftmem-ec-parity than the
-    job's first one does not join (its parity would not fit the group's): its SMP logs why and its ranks cannot
-    start, with an error saying what differs, while the other node goes on serving."""
+def test_a_node_started_with_other_ec_settings_or_secret_is_refused(cluster):
+    """Every node must lay out the same EC groups and share the peer secret. A node started with another
+    --ftmem-ec-parity than the job's first one, or another FTMEM_SECRET, does not join (its parity would not fit
+    the group's; every message of it would be rejected): its SMP logs why and its ranks cannot start, with an
+    error saying what differs, while the first node goes on serving."""
     from torch.distributed import TCPStore
 
     port = free_port()
@@ -690,15 +691,20 @@ def test_a_node_started_with_other_ec_settings_is_refused(cluster):
     args = ["--nnodes", "3", "--store", f"127.0.0.1:{port}", "--peer-host", "127.0.0.1", "--timeout", "30"]
     smp0 = cluster.start_smp(*args, "--ec-parity", "1", node=0, name="smp0", FTMEM_SECRET=SECRET)
     cluster.wait_until(lambda: "peer endpoint" in cluster.output(smp0), 30, "node 0 to join")
-    smp1 = cluster.start_smp(*args, "--ec-parity", "2", node=1, name="smp1", FTMEM_SECRET=SECRET)
-    client = cluster.client(1, timeout=30.0)
-    client.call("register", rank=1, world=3, local_rank=0, pid=1001)
-    with pytest.raises(SmpError) as refused:
-        client.call("available", rank=1)
-    why = ("this node runs with nnodes=3 ec_group=3 ec_parity=2, the job's other nodes with nnodes=3 ec_group=3 "
-           "ec_parity=1: start every node with the same --nnodes, --ftmem-ec-group and --ftmem-ec-parity")
-    assert "node 1's SMP cannot join its EC group: " in str(refused.value) and why in str(refused.value)
-    assert why in cluster.output(smp1) and "peer endpoint" not in cluster.output(smp1), cluster.logs()
+    ours, other = secret_id(SECRET.encode()), secret_id(SECRET.upper().encode())
+    job = f"nnodes=3 ec_group=3 ec_parity=1 secret={ours}"
+    for node, (flag, secret, settings) in enumerate([
+            (["--ec-parity", "2"], SECRET, f"nnodes=3 ec_group=3 ec_parity=2 secret={ours}"),
+            (["--ec-parity", "1"], SECRET.upper(), f"nnodes=3 ec_group=3 ec_parity=1 secret={other}")], start=1):
+        smp = cluster.start_smp(*args, *flag, node=node, name=f"smp{node}", FTMEM_SECRET=secret)
+        client = cluster.client(node, timeout=30.0)
+        client.call("register", rank=node, world=3, local_rank=0, pid=1000 + node)
+        with pytest.raises(SmpError) as refused:
+            client.call("available", rank=node)
+        why = f"this node runs with {settings}, the job's other nodes with {job}: start every node with the same"
+        assert f"node {node}'s SMP cannot join its EC group: " in str(refused.value), refused.value
+        assert why in str(refused.value), refused.value
+        assert why in cluster.output(smp) and "peer endpoint" not in cluster.output(smp), cluster.logs()
     assert cluster.client(0).call("status")["ec_parity"] == 1 and smp0.poll() is None
     del store
 

@@ -36,7 +36,7 @@ from ftmem.smp.directory import Directory, StoreUnreachable
 from ftmem.smp.layout import HEADER_SIZE, BufferState, Header
 from ftmem.smp.nodedata import NodeData, Part
 from ftmem.smp.parity import ParityStore
-from ftmem.smp.peer import MAX_PEER_BYTES, Links, PeerAuthError, PeerCodec, new_incarnation
+from ftmem.smp.peer import MAX_PEER_BYTES, Links, PeerAuthError, PeerCodec, new_incarnation, secret_id
 from ftmem.smp.process import Priority
 from ftmem.smp.protect import GroupMeta, encode_round
 from ftmem.smp.protocol import ProtocolError, loose_id
@@ -193,9 +193,9 @@ class Cluster:
                     break
                 except StoreUnreachable as exc:
                     push.send(msgpack.packb({"ev": "store_unreachable", "error": str(exc)}))
-            self.directory.agree(f"nnodes={self.cfg.nnodes} ec_group={self.cfg.ec_group} "
-                                 f"ec_parity={self.cfg.ec_parity}")
             secret = self.cfg.secret or self.directory.secret()
+            self.directory.agree(f"nnodes={self.cfg.nnodes} ec_group={self.cfg.ec_group} "
+                                 f"ec_parity={self.cfg.ec_parity} secret={secret_id(secret)}")
             push.send(msgpack.packb({"ev": "connected", "secret": secret}))
         except Exception as exc:
             push.send(msgpack.packb({"ev": "connect_failed", "error": f"{type(exc).__name__}: {exc}"}))

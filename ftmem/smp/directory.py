@@ -58,13 +58,15 @@ class Directory:
         return bytes(value)
 
     def agree(self, settings: str) -> None:
-        """Every node of a job must lay out the same EC groups: the first SMP records its settings in the store,
-        and an SMP whose settings differ raises instead of joining (its parity would not fit its group's)."""
+        """Every node of a job must lay out the same EC groups and share its peer secret: the first SMP records
+        its settings in the store, and an SMP whose settings differ raises instead of joining (its parity would
+        not fit its group's; its messages would all be rejected)."""
         assert self._store is not None
         found = self._store.compare_set(self._prefix + "settings", "", settings).decode()
         if found != settings:
             raise ValueError(f"this node runs with {settings}, the job's other nodes with {found}: start every node "
-                             f"with the same --nnodes, --ftmem-ec-group and --ftmem-ec-parity")
+                             f"with the same --nnodes, --ftmem-ec-group and --ftmem-ec-parity, and the same peer "
+                             f"secret (FTMEM_SECRET or --ftmem-secret-file; `secret` is its public id)")
 
     def publish(self, endpoint: str, incarnation: str) -> None:
         assert self._store is not None

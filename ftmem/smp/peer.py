@@ -56,6 +56,12 @@ PEER_SCHEMA: dict[str, dict[str, type]] = {
 _SCHEMA = {op: {**fields, "job": str, "from": int} for op, fields in PEER_SCHEMA.items()}
 
 
+def secret_id(secret: bytes) -> str:
+    """A public name of a peer secret (HKDF, one-way): nodes compare it through the rendezvous store to tell a
+    misconfigured secret at start, instead of rejecting each other's every message."""
+    return HKDF(SHA256(), 8, salt=None, info=MAC_CONTEXT + b" secret id").derive(secret).hex()
+
+
 class PeerAuthError(ValueError):
     """A peer message that failed authentication (or came from another job): dropped unanswered."""
 
