@@ -722,3 +722,39 @@ def test_an_smp_started_before_the_rendezvous_store_waits_for_it(cluster):
     cluster.wait_until(lambda: "peer endpoint" in cluster.output(smp), 30, "the SMP to join once the store is up")
     assert cluster.client(0).call("status")["endpoint"], cluster.logs()
     del store
+
+
+def test_an_smp_claiming_a_live_nodes_id_is_refused(cluster, tmp_path):
+    """A second SMP for node 1 on "another host" (its own runtime and shared-memory directories, as a node
+    started with the --node-rank of a running node would be) finds node 1's published SMP alive and does not
+    take its place: its ranks get an error saying why, and the store still names the live SMP. (A replacement
+    or a restarted SMP takes the id over from a dead one: the multi-node golden tests.)"""
+    from torch.distributed import TCPStore
+
+    port = free_port()
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+    args = ["--nnodes", "2", "--store", f"127.0.0.1:{port}", "--peer-host", "127.0.0.1", "--timeout", "30"]
+    live = cluster.start_smp(*args, node=1, name="smp1", FTMEM_SECRET=SECRET)
+    cluster.wait_until(lambda: "peer endpoint" in cluster.output(live), 30, "node 1's SMP to join")
+    key = f"ftmem/{cluster.job}/smp/1"
+    published = store.get(key)
+    other = tmp_path / "other-host"
+    for d in ("run", "shm"):
+        (other / d).mkdir(parents=True)
+    dup = cluster.python(["-m", "ftmem.smp", "--job-id", cluster.job, "--node", "1", *args], "smp1-duplicate",
+                         FTMEM_SECRET=SECRET, FTMEM_RUNTIME_DIR=str(other / "run"), FTMEM_SHM_DIR=str(other / "shm"))
+    cluster.wait_until(lambda: "cannot join its EC group" in cluster.output(dup), 60, "the duplicate to be refused")
+    endpoint = msgpack.unpackb(published, raw=False)[0]
+    assert (f"node 1 is served by a live SMP at {endpoint}: was this node started with the --node-rank (or "
+            f"--ftmem-node-id) of a running node?") in cluster.output(dup), cluster.logs()
+    client = ControlClient(f"ipc://{other / 'run'}/{cluster.job}.n1.sock", timeout=30.0)
+    try:
+        client.call("register", rank=1, world=2, local_rank=0, pid=1001)
+        with pytest.raises(SmpError, match="node 1's SMP cannot join its EC group: .*served by a live SMP"):
+            client.call("available", rank=1)
+    finally:
+        client.close()
+    assert store.get(key) == published and live.poll() is None, cluster.logs()
+    dup.terminate()
+    dup.wait(30)
+    del store

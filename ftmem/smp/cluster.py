@@ -36,7 +36,8 @@ from ftmem.smp.directory import Directory, StoreUnreachable
 from ftmem.smp.layout import HEADER_SIZE, BufferState, Header
 from ftmem.smp.nodedata import NodeData, Part
 from ftmem.smp.parity import ParityStore
-from ftmem.smp.peer import MAX_PEER_BYTES, Links, PeerAuthError, PeerCodec, new_incarnation, secret_id
+from ftmem.smp.peer import (MAX_PEER_BYTES, Links, PeerAuthError, PeerCodec, new_incarnation, secret_id,
+                            serving_node)
 from ftmem.smp.process import Priority
 from ftmem.smp.protect import GroupMeta, encode_round
 from ftmem.smp.protocol import ProtocolError, loose_id
@@ -49,6 +50,7 @@ log = get_logger("smp")
 HEARTBEAT_S = 1.0
 PEER_TIMEOUT_S = max(5.0, 5 * HEARTBEAT_S)  # a peer silent this long (on the clock of `Cluster.alive`) is gone
 HANDLE_BUDGET_S = 0.2 * HEARTBEAT_S
+PROBE_S = PEER_TIMEOUT_S  # how long the SMP that published this node's id may take to answer, if it lives
 RETRY_S, RETRY_MAX_S = 1.0, 30.0  # a failed round's step is led again after this, doubling while rounds fail
 EVENTS = "inproc://ftmem-events"
 
@@ -196,11 +198,21 @@ class Cluster:
             secret = self.cfg.secret or self.directory.secret()
             self.directory.agree(f"nnodes={self.cfg.nnodes} ec_group={self.cfg.ec_group} "
                                  f"ec_parity={self.cfg.ec_parity} secret={secret_id(secret)}")
+            self._check_not_taken(secret)
             push.send(msgpack.packb({"ev": "connected", "secret": secret}))
         except Exception as exc:
             push.send(msgpack.packb({"ev": "connect_failed", "error": f"{type(exc).__name__}: {exc}"}))
         finally:
             push.close(linger=1000)
+
+    def _check_not_taken(self, secret: bytes) -> None:
+        """A node id is taken over only from a dead SMP (a replacement, a restart): one started with the
+        --node-rank of a live node, on another host, would otherwise take its place in the group."""
+        holder = self.directory.holder()
+        if holder is not None and serving_node(PeerCodec(secret, self.d.env.job, self.node), holder[0],
+                                               PROBE_S) == self.node:
+            raise RuntimeError(f"node {self.node} is served by a live SMP at {holder[0]}: was this node started "
+                               f"with the --node-rank (or --ftmem-node-id) of a running node?")
 
     def _on_connected(self, secret: bytes) -> None:
         self.codec = PeerCodec(secret, self.d.env.job, self.node)

@@ -68,6 +68,12 @@ class Directory:
                              f"with the same --nnodes, --ftmem-ec-group and --ftmem-ec-parity, and the same peer "
                              f"secret (FTMEM_SECRET or --ftmem-secret-file; `secret` is its public id)")
 
+    def holder(self) -> tuple[str, str] | None:
+        """(endpoint, incarnation) published for this node by an earlier SMP, if any."""
+        assert self._store is not None
+        key = f"{self._prefix}smp/{self.node}"
+        return tuple(msgpack.unpackb(self._store.get(key))) if self._store.check([key]) else None
+
     def publish(self, endpoint: str, incarnation: str) -> None:
         assert self._store is not None
         self._store.set(f"{self._prefix}smp/{self.node}", msgpack.packb([endpoint, incarnation]))

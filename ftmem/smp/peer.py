@@ -16,6 +16,7 @@ from __future__ import annotations
 import hmac
 import itertools
 import os
+import socket
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -33,6 +34,7 @@ MAX_HEADER_BYTES = 4 << 20
 MAC_CONTEXT = b"ftmem 2026-11 peer message MAC"
 NONCE_BYTES, TAG_BYTES = 12, 16
 GONE_CHECK_S = 0.5  # how often a waiting request asks whether its peer is still alive
+CONNECT_PROBE_S = 2.0  # a host that neither accepts nor refuses a connection within this is taken for gone
 _N = int  # readability of the schema below
 
 PEER_SCHEMA: dict[str, dict[str, type]] = {
@@ -189,6 +191,23 @@ class PeerLink:
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
+
+
+def serving_node(codec: PeerCodec, endpoint: str, timeout: float) -> int | None:
+    """The node whose live SMP (of this job, with this secret) serves `endpoint`, or None: a refused TCP connection
+    says None at once; one that is accepted must answer a signed request within `timeout`."""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=min(timeout, CONNECT_PROBE_S)).close()
+    except OSError:
+        return None
+    link = PeerLink(codec, endpoint)
+    try:
+        return link.request("ec_status", timeout)[0]["from"]
+    except (TimeoutError, RuntimeError):
+        return None
+    finally:
+        link.close()
 
 
 def new_incarnation() -> str:
