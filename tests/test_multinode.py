@@ -536,6 +536,25 @@ def test_peer_socket_drops_forged_and_malformed_messages(peers):
         sock.close(0)
 
 
+def test_round_messages_of_a_replaced_incarnation_are_ignored(peers):
+    """An SMP that was replaced but still runs (its node came back after a partition healed) believes it is its
+    node: its round messages, authentic as they are, name an incarnation the directory no longer has, and the
+    live SMPs ignore them (with a log line) instead of starting or finishing rounds on its word."""
+    c, (endpoint, smp0) = peers.c, peers.live()
+    stale = PeerCodec(SECRET.encode(), c.job, 1)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        for op, fields in [("ec_start", {"step": 0}), ("ec_result", {"step": 0, "ok": True})]:
+            sock.send_multipart(stale.pack(op, 0, incarnation="1-stale", **fields), copy=False)
+            c.wait_until(lambda: f"ignored {op!r} from node 1's incarnation 1-stale" in c.output(smp0), 30,
+                         f"node 0 to ignore the stale {op}")
+    finally:
+        sock.close(0)
+    assert "EC round of step 0" not in c.output(smp0) and smp0.poll() is None, c.logs()
+
+
 def _request(c: Cluster, endpoint: str, smp0, op: str, **fields) -> tuple[dict, list[bytes]]:
     """A correctly signed request from node 1; fails the test at once (with the logs) if the SMP died of it."""
     link = PeerLink(PeerCodec(SECRET.encode(), c.job, 1), endpoint)

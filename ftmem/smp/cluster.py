@@ -330,6 +330,8 @@ class Cluster:
             time.sleep(0.05)
 
     def _send(self, node: int, op: str, **fields: Any) -> None:
+        """A report or round message, which names this SMP's incarnation (see `_dispatch`)."""
+        fields["incarnation"] = self.incarnation
         if node == self.node:
             self._dispatch({"op": op, "from": self.node, "id": 0, **fields}, [], None)
         elif node in self.peers and self.links is not None:
@@ -341,7 +343,7 @@ class Cluster:
         if not self.ready:
             return
         complete = [[rank, s, e] for rank, rb in self.d.store.ranks.items() for s, e in rb.complete()]
-        fields = dict(incarnation=self.incarnation, epoch=self.d.tracker.epoch,
+        fields = dict(epoch=self.d.tracker.epoch,
                       committed=-1 if self.d.tracker.committed is None else self.d.tracker.committed,
                       protected=-1 if self.protected is None else self.protected, rebuilding=self.rebuilding,
                       complete=complete)
@@ -350,7 +352,7 @@ class Cluster:
 
     def _on_report(self, msg: dict[str, Any]) -> None:
         peer = self.peers.get(msg["from"])
-        if peer is None or peer.incarnation != msg["incarnation"]:
+        if peer is None:
             return
         peer.last_seen, peer.committed, peer.protected = self.clock, msg["committed"], msg["protected"]
         peer.rebuilding = msg["rebuilding"]
@@ -674,6 +676,12 @@ class Cluster:
 
     def _dispatch(self, msg: dict[str, Any], blobs: list[bytes], identity: bytes | None) -> None:
         op = msg["op"]
+        peer = self.peers.get(msg["from"])
+        if "incarnation" in msg and peer is not None and msg["incarnation"] != peer.incarnation:
+            if op != "report":  # a replaced SMP still running (a partition healed) must not drive rounds
+                log.warning("ignored %r from node %d's incarnation %s: the node is %s now", op, msg["from"],
+                            msg["incarnation"], peer.incarnation)
+            return
         if op == "report":
             self._on_report(msg)
         elif op == "ec_start":

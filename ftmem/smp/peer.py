@@ -41,10 +41,11 @@ PEER_SCHEMA: dict[str, dict[str, type]] = {
     # node state, sent on every change and as a heartbeat: [[rank, step, epoch], ...]
     "report": {"incarnation": str, "epoch": int, "committed": int, "protected": int, "rebuilding": bool,
                "complete": list},
-    # erasure-coding rounds, driven by the group leader
-    "ec_start": {"step": _N},
-    "ec_done": {"step": _N, "ok": bool, "detail": str},
-    "ec_result": {"step": _N, "ok": bool},
+    # erasure-coding rounds, driven by the group leader (like reports, they name the sender's incarnation: one
+    # that was replaced, e.g. after a partition healed, is ignored)
+    "ec_start": {"incarnation": str, "step": _N},
+    "ec_done": {"incarnation": str, "step": _N, "ok": bool, "detail": str},
+    "ec_result": {"incarnation": str, "step": _N, "ok": bool},
     # reads served from shared memory (replies carry data as blobs)
     "manifest": {"step": _N},
     "data": {"step": _N, "ranges": list},         # [[offset, length], ...] of the node's data for step
