@@ -15,6 +15,7 @@ import os
 import random
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -33,6 +34,7 @@ from ftmem.smp.cluster import PEER_TIMEOUT_S
 from ftmem.smp.peer import MAX_PEER_BYTES, PeerCodec, PeerLink, secret_id
 from ftmem.smp.process import autogrouping, effective_nice
 from ftmem.smp.protocol import ControlClient, SmpError, SmpUnavailable
+from ftmem.smp.shm import shm_dir
 
 STEPS = 24
 TRAIN = ["--steps", str(STEPS)]
@@ -400,6 +402,15 @@ def test_node_killed_while_its_parity_is_being_computed(cluster, golden):
 SECRET = "s3cret-for-ftmem-peer-tests-0001"  # 32 characters
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
 def _mac(secret: bytes, frames: list[bytes]) -> bytes:
     """The MAC documented in ftmem/smp/peer.py, independent of PeerCodec: nonce + ChaCha20-Poly1305's tag (one-shot
     AEAD) of an empty plaintext with the length-prefixed frames as associated data, keyed by HKDF-SHA256."""
@@ -680,7 +691,10 @@ def test_a_rank_that_moved_frees_its_buffers_on_its_old_node_once_the_job_moved_
     for rank in (0, 1):  # epoch 2: swapped; each rank's step 2 is fetched from its old node
         new = 1 - rank
         client[new].call("register", rank=rank, world=2, local_rank=0, pid=2000 + rank)
-        reply = client[new].call("begin", rank=rank, step=2, epoch=2)
+        try:
+            reply = client[new].call("begin", rank=rank, step=2, epoch=2)
+        except SmpError as exc:
+            pytest.fail(f"{exc}\n{cluster.logs()}")
         assert "rank moved" in reply["source"], reply
     for rank in (0, 1):
         assert rank_segments(rank, rank), f"rank {rank}'s old buffers went while they are the protected step's data"
@@ -696,6 +710,65 @@ def test_a_rank_that_moved_frees_its_buffers_on_its_old_node_once_the_job_moved_
         assert [s for s, _ in client[1 - rank].call("available", rank=rank)["steps"]][:1] == [3]
     del store
 
+
+
+def protected_pair(cluster: Cluster, host: str, payload_bytes: int):
+    """Two bare SMPs of a 2-node job meeting through a TCPStore at `host` (peer addresses: their default, the one
+    routing to the store), each with a fake rank whose snapshot of step 0 (`payload_bytes` bytes) is protected.
+    Returns the store (keep it referenced), the SMPs' arguments and the SMP processes by node."""
+    from torch.distributed import TCPStore
+
+    from test_smp_protocol import write_snapshot
+
+    port = free_port()
+    store = TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+    args = ["--nnodes", "2", "--store", f"{host}:{port}", "--timeout", "30"]
+    smp = {node: cluster.start_smp(*args, node=node, name=f"smp{node}", FTMEM_SECRET=SECRET) for node in (0, 1)}
+    client = {node: cluster.client(node, timeout=60.0) for node in (0, 1)}
+    for rank in (0, 1):
+        client[rank].call("register", rank=rank, world=2, local_rank=0, pid=1000 + rank)
+        client[rank].call("begin", rank=rank, step=-1, epoch=1)
+    for rank in (0, 1):
+        write_snapshot(client[rank], rank, 0, 1, os.urandom(payload_bytes))
+    cluster.wait_until(lambda: all(client[n].call("status").get("protected") == 0 for n in (0, 1)), 60,
+                       "step 0 to be protected on both nodes", interval=0.2)
+    return store, args, smp
+
+
+def test_a_replacement_without_room_for_its_snapshot_says_so(cluster):
+    """A replacement node whose /dev/shm cannot hold the node's snapshot does not rebuild it: its SMP logs why and
+    goes on serving, and its ranks get that error instead of waiting out their timeout. (The shortage is real but
+    forced: under an RLIMIT_FSIZE below the snapshot's size posix_fallocate fails, with EFBIG instead of ENOSPC.)
+    The node's segments are created off the event loop (`BufferStore.when_ready`), like a rank's first ones."""
+    store, args, smp = protected_pair(cluster, "127.0.0.1", 6 << 20)
+    smp[1].kill()
+    smp[1].wait(30)
+    for name in node_segments(cluster, 1):
+        os.unlink(os.path.join(shm_dir(), name))
+    limited = ("import resource, runpy; resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20)); "
+               "runpy.run_module('ftmem.smp', run_name='__main__', alter_sys=True)")
+    new = cluster.python(["-c", limited, "--job-id", cluster.job, "--node", "1", *args], "smp1-replacement",
+                         FTMEM_SECRET=SECRET)
+    cluster.wait_until(lambda: "cannot be rebuilt" in cluster.output(new) or new.poll() is not None, 60,
+                       "the replacement to give up its rebuild")
+    assert new.poll() is None, f"the replacement's SMP died\n{cluster.logs()}"
+    assert re.search(r"node 1 cannot be rebuilt: ftmem: could not allocate \d+ bytes .*File too large",
+                     cluster.output(new)), cluster.logs()
+    client = cluster.client(1, timeout=30.0)
+    client.call("register", rank=1, world=2, local_rank=0, pid=2001)
+    assert "File too large" in client.call("available", rank=1)["lost"], cluster.logs()
+    assert smp[0].poll() is None
+    del store
+
+
+@pytest.mark.skipif(not socket.has_ipv6 or not _ipv6_loopback(), reason="no IPv6 loopback (::1) here")
+def test_smps_meet_and_protect_over_ipv6(cluster):
+    """A job whose rendezvous endpoint is an IPv6 address: each SMP binds its peer socket to the IPv6 address that
+    routes to the store, publishes it in brackets, and the nodes protect their steps over it."""
+    store, _, smp = protected_pair(cluster, "::1", 64 << 10)
+    for node in (0, 1):
+        assert "peer endpoint tcp://[::1]:" in cluster.output(smp[node]), cluster.logs()
+    del store
 
 
 def test_a_node_started_with_other_ec_settings_or_secret_is_refused(cluster):

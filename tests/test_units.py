@@ -7,7 +7,9 @@ import errno
 import os
 import random
 import re
+import socket
 import struct
+import threading
 import time
 import uuid
 import zlib
@@ -575,6 +577,17 @@ def _woken(store, timeout: float = 30.0) -> None:
     store.drain_wakeups()
 
 
+def _sized(store, wanted) -> None:
+    """`store.when_ready(wanted)`, waited for as the SMP's event loop does: `run_ready` after each wakeup."""
+    done: list = []
+    store.when_ready(wanted, lambda: done.append(None), done.append)
+    while not done:
+        _woken(store)
+        store.run_ready()
+    if done[0] is not None:
+        raise done[0]
+
+
 def test_buffer_segments_are_created_off_the_caller_and_all_at_a_ranks_first_snapshot(tmp_path, monkeypatch):
     """`ready` never creates a segment on the calling thread (the SMP's event loop): it starts the creation,
     says not yet, and installs the segment when asked again after the wakeup fd fired; `reserve` starts every
@@ -593,13 +606,13 @@ def test_buffer_segments_are_created_off_the_caller_and_all_at_a_ranks_first_sna
             assert time.monotonic() < deadline, "the first buffer's segment was never installed"
             _woken(store)
         assert first.segment.size >= 10_000 and first.header.state == BufferState.EMPTY
-        store.ensure_size([(0, b, 10_000) for b in others])  # the reserved ones: only waited for
+        _sized(store, [(0, b, 10_000) for b in others])  # the reserved ones: only waited for
         assert all(b.segment is not None for b in others)
         assert len(shm.list_segments("ftmem.u.")) == 3
         first.segment.buf[:4] = b"keep"
         assert store.ready(0, first, 10_000) and bytes(first.segment.buf[:4]) == b"keep"  # big enough: kept
         old = first.segment.name
-        store.ensure_size([(0, first, 10 << 20)])  # a bigger snapshot: a new generation replaces it
+        _sized(store, [(0, first, 10 << 20)])  # a bigger snapshot: a new generation replaces it
         assert first.segment.size >= 10 << 20 and first.segment.name != old
         assert old not in shm.list_segments("ftmem.u.") and len(shm.list_segments("ftmem.u.")) == 3
     finally:
@@ -618,13 +631,46 @@ def test_a_reserved_buffer_needed_early_is_created_once(tmp_path, monkeypatch):
     try:
         bufs = store.of(0).buffers
         store.reserve(0, 32 << 20)  # b0 starts; b1..b3 queue behind it
-        store.ensure_size([(0, bufs[3], 32 << 20)])
+        _sized(store, [(0, bufs[3], 32 << 20)])
         assert bufs[3].segment is not None
-        store.ensure_size([(0, b, 32 << 20) for b in bufs])
+        _sized(store, [(0, b, 32 << 20) for b in bufs])
         assert sorted(shm.list_segments("ftmem.r.")) == sorted(b.segment.name for b in bufs)
     finally:
         store.close(unlink_all=True)
     assert shm.list_segments("ftmem.r.") == []
+
+
+def test_when_ready_returns_at_once_and_calls_back_from_the_event_loop(tmp_path, monkeypatch):
+    """A rebuild or a moved rank's fetch asks for its buffers with `when_ready`, which never waits for a creation
+    (one of gigabytes takes seconds, and the event loop serves the node's ranks and the peers' heartbeats): the
+    loop's `run_ready` calls back once every buffer is ready, or with the creation's error (a full /dev/shm)."""
+    from ftmem.smp.buffers import BufferStore
+
+    monkeypatch.setenv("FTMEM_SHM_DIR", str(tmp_path))
+    gate, create = threading.Event(), shm.Segment.create
+    monkeypatch.setattr(shm.Segment, "create", classmethod(lambda cls, *a: create(*a) if gate.wait(30) else None))
+    store = BufferStore("ftmem.w.", 2)
+    try:
+        a, b = store.of(0).buffers
+        calls: list = []
+        store.when_ready([(0, a, 10_000), (0, b, 10_000)], lambda: calls.append("ready"), calls.append)
+        store.run_ready()
+        assert calls == [] and a.segment is None and b.segment is None  # both being created, nobody waited
+        gate.set()
+        while not calls:
+            _woken(store)
+            store.run_ready()
+        assert calls == ["ready"] and a.segment.size >= 10_000 and b.segment.size >= 10_000
+        store.when_ready([(0, a, 10_000)], lambda: calls.append("at once"), calls.append)
+        assert calls[-1] == "at once"  # nothing to create: called back before returning
+        store.when_ready([(0, b, shm.available_bytes() + (1 << 30))], lambda: calls.append("wrong"), calls.append)
+        while len(calls) < 3:
+            _woken(store)
+            store.run_ready()
+        assert isinstance(calls[2], shm.ShmFullError) and len(calls) == 3, calls
+    finally:
+        store.close(unlink_all=True)
+    assert shm.list_segments("ftmem.w.") == []
 
 
 def test_a_failed_buffer_creation_is_reported_once_and_leaves_nothing(tmp_path, monkeypatch):
@@ -643,7 +689,7 @@ def test_a_failed_buffer_creation_is_reported_once_and_leaves_nothing(tmp_path, 
         with pytest.raises(shm.ShmFullError, match="needs"):
             store.ready(0, buf, too_big)
         assert shm.list_segments("ftmem.f.") == []
-        store.ensure_size([(0, buf, 4096)])
+        _sized(store, [(0, buf, 4096)])
         assert buf.segment is not None
         store.reserve(1, 4096)
         store.release(1)  # waits for rank 1's creations and removes their segments
@@ -652,6 +698,27 @@ def test_a_failed_buffer_creation_is_reported_once_and_leaves_nothing(tmp_path, 
     finally:
         store.close(unlink_all=True)
     assert shm.list_segments("ftmem.f.") == []
+
+
+# ------------------------------------------------------------------------------------------------ peer addresses
+
+def test_peer_addresses_of_ipv4_and_ipv6_hosts():
+    """An SMP binds and publishes `tcp_address(peer_host, port)`; `endpoint_host_port` reads it back (the probe of
+    a node id's holder). IPv6 literals travel in brackets; the default peer host is the local address routing to
+    the rendezvous store, IPv4 for a name that has both (a store given as `[::1]:port` or `::1:port` is IPv6)."""
+    from ftmem.smp.peer import default_peer_host, endpoint_host_port, tcp_address
+
+    assert tcp_address("10.1.2.3", 5) == "tcp://10.1.2.3:5" and tcp_address("10.1.2.3") == "tcp://10.1.2.3"
+    assert tcp_address("fd00::7", 5) == tcp_address("[fd00::7]", 5) == "tcp://[fd00::7]:5"
+    for host in ("10.1.2.3", "fd00::7", "localhost"):
+        assert endpoint_host_port(tcp_address(host, 29500)) == (host, 29500)
+    assert default_peer_host("127.0.0.1:29500") == default_peer_host("localhost:29500") == "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return  # no IPv6 loopback here
+    assert default_peer_host("[::1]:29500") == default_peer_host("::1:29500") == "::1"
 
 
 # ------------------------------------------------------------------------------------------------ SMP priority

@@ -101,10 +101,11 @@ def _agree(local: tuple[int, list[list[int]], int] | str, world: int,
     if not common and any(lists):
         empty = [r for r, snaps in enumerate(lists) if not snaps]
         newest = max(s for snaps in lists for s, _ in snaps)
+        why = (f"This node's SMP could not rebuild its snapshot: {lost.rstrip('.')}." if lost else
+               "More failures than the erasure code tolerates, or stale memory of another run with this job id "
+               "('ftmem clean').")
         raise RestoreError(f"ftmem: no snapshot is restorable on every rank: rank(s) {empty or 'all'} lost theirs "
-                           f"(others hold up to step {newest}). More failures than the erasure code tolerates, or "
-                           f"stale memory of another run with this job id ('ftmem clean'). Refusing to restart "
-                           f"from scratch silently. {lost}".rstrip())
+                           f"(others hold up to step {newest}). {why} Refusing to restart from scratch silently.")
     best = max(common) if common else None
     return best, max(int(x[0]) for x in rows) + 1
 

@@ -8,8 +8,9 @@ import sys
 
 from ftmem.env import NodeEnv, default_job_id
 from ftmem.erasure import ErasureConfigError
-from ftmem.smp.cluster import ClusterConfig, default_peer_host
+from ftmem.smp.cluster import ClusterConfig
 from ftmem.smp.daemon import SnapshotDaemon
+from ftmem.smp.peer import default_peer_host
 from ftmem.smp.process import keep_freed_memory
 
 

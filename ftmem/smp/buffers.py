@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ftmem.log import get_logger
 from ftmem.smp.layout import HEADER_SIZE, BufferState, Header, LayoutError
-from ftmem.smp.shm import Segment, list_segments, unlink
+from ftmem.smp.shm import Segment, ShmFullError, list_segments, unlink
 
 log = get_logger("smp")
 _NAME = re.compile(r"r(\d+)\.b(\d+)\.g(\d+)$")
@@ -76,7 +77,7 @@ class RankBuffers:
 class BufferStore:
     """All buffers of one SMP, named `<prefix>r<rank>.b<index>.g<generation>` in /dev/shm.
 
-    Segments are created on threads of their own (`ready`, `reserve`, `ensure_size`): creating one of several GB
+    Segments are created on threads of their own (`ready`, `reserve`, `when_ready`): creating one of several GB
     takes seconds, which the event loop must not spend (every rank of the node and the peers' heartbeats wait
     on it), and a node's ranks get theirs in parallel. A rank's other buffers are reserved at its first snapshot
     and created in the background; one needed before its creation started is created at once instead."""
@@ -87,6 +88,8 @@ class BufferStore:
         self.ranks: dict[int, RankBuffers] = {}
         self._gen = 0
         self._creating: dict[tuple[int, int], _Creation] = {}  # by (rank, buffer index)
+        self._waiting: list[tuple[list[tuple[int, Buffer, int]], Callable[[], None],
+                                  Callable[[ShmFullError], None]]] = []  # see `when_ready`
         self._creators = ThreadPoolExecutor(CREATORS, thread_name_prefix="ftmem-shm")
         self._reserver = ThreadPoolExecutor(1, thread_name_prefix="ftmem-shm-reserve")
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -143,11 +146,28 @@ class BufferStore:
             if buf.segment is None and (rank, buf.index) not in self._creating:
                 self._create(rank, buf.index, nbytes, reserved=True)
 
-    def ensure_size(self, wanted: list[tuple[int, Buffer, int]]) -> None:
-        """(Re)create the segments of these (rank, buffer, nbytes) that are missing or too small, in parallel, and
-        wait for them."""
-        while missing := [(rank, buf) for rank, buf, nbytes in wanted if not self.ready(rank, buf, nbytes)]:
-            wait([self._creating[(rank, buf.index)].segment for rank, buf in missing])
+    def when_ready(self, wanted: list[tuple[int, Buffer, int]], then: Callable[[], None],
+                   failed: Callable[[ShmFullError], None]) -> None:
+        """(Re)create the segments of these (rank, buffer, nbytes) that are missing or too small, all at once, and
+        call `then` when every one is ready, or `failed` with a creation's error: at once if nothing needs
+        creating, else from `run_ready` (the event loop calls it after each wakeup). A rebuilt node or a moved
+        rank may need gigabytes of new segments, and the event loop must not wait for them."""
+        self._waiting.append((wanted, then, failed))
+        self.run_ready()
+
+    def run_ready(self) -> None:
+        """Call back what `when_ready` waits for and is now ready (or failed)."""
+        waiting, self._waiting = self._waiting, []
+        for wanted, then, failed in waiting:
+            try:
+                done = [self.ready(rank, buf, nbytes) for rank, buf, nbytes in wanted]  # starts each creation
+            except ShmFullError as exc:
+                failed(exc)
+                continue
+            if all(done):
+                then()
+            else:
+                self._waiting.append((wanted, then, failed))
 
     def _install(self, rank: int, buf: Buffer, segment: Segment) -> None:
         if buf.segment is not None:
@@ -221,6 +241,7 @@ class BufferStore:
     def release(self, rank: int) -> int:
         """Unlink every buffer of `rank` and forget it; returns the bytes freed."""
         rb = self.ranks.pop(rank)
+        self._waiting = [w for w in self._waiting if all(r != rank for r, _, _ in w[0])]
         for index in [i for r, i in self._creating if r == rank]:
             self._discard(rank, index)
         freed = rb.nbytes()

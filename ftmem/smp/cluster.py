@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import queue
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,11 +36,10 @@ from ftmem.smp.layout import HEADER_SIZE, BufferState, Header
 from ftmem.smp.nodedata import NodeData, Part
 from ftmem.smp.parity import ParityStore
 from ftmem.smp.peer import (MAX_PEER_BYTES, Links, PeerAuthError, PeerCodec, new_incarnation, secret_id,
-                            serving_node)
+                            serving_node, tcp_address)
 from ftmem.smp.process import Priority
 from ftmem.smp.protect import GroupMeta, encode_round
 from ftmem.smp.protocol import ProtocolError, loose_id
-from ftmem.smp.shm import ShmFullError
 
 if TYPE_CHECKING:
     from ftmem.smp.daemon import SnapshotDaemon
@@ -69,14 +67,6 @@ class ClusterConfig:
         check_config(self.nnodes, self.ec_group, self.ec_parity)
 
 
-def default_peer_host(store: str) -> str:
-    """The local address that routes to the rendezvous store (loopback when the store is local)."""
-    host = store.rpartition(":")[0] or "127.0.0.1"
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect((socket.gethostbyname(host), 9))  # UDP connect sends nothing
-        return s.getsockname()[0]
-
-
 @dataclass
 class _Peer:
     endpoint: str
@@ -86,6 +76,7 @@ class _Peer:
     committed: int = -1
     protected: int = -1
     rebuilding: bool = True  # until its first report: a new incarnation may be a replacement that rebuilds
+    reported: bool = False   # what its ranks hold is known (an ec_start also proves it alive, but says nothing)
 
     def awaiting_first_report(self, clock: float) -> bool:
         """Discovered (in the store) but not heard from yet, for less than PEER_TIMEOUT_S: likely alive."""
@@ -219,9 +210,10 @@ class Cluster:
         self.links = Links(self.codec)
         self.sock = zmq.Context.instance().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IPV6, ":" in self.cfg.peer_host)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_PEER_BYTES + 4096)
-        port = self.sock.bind_to_random_port(f"tcp://{self.cfg.peer_host}")
-        endpoint = f"tcp://{self.cfg.peer_host}:{port}"
+        port = self.sock.bind_to_random_port(tcp_address(self.cfg.peer_host))
+        endpoint = tcp_address(self.cfg.peer_host, port)
         self.directory.publish(endpoint, self.incarnation)
         self.directory.start()
         self.ready = True
@@ -355,13 +347,20 @@ class Cluster:
         if peer is None:
             return
         peer.last_seen, peer.committed, peer.protected = self.clock, msg["committed"], msg["protected"]
-        peer.rebuilding = msg["rebuilding"]
+        peer.rebuilding, peer.reported = msg["rebuilding"], True
         by_rank: dict[int, set[tuple[int, int]]] = {}
         for rank, step, epoch in msg["complete"]:
             by_rank.setdefault(rank, set()).add((step, epoch))
         self.d.tracker.set_source(msg["from"], by_rank)
         self.d.tracker.epoch = max(self.d.tracker.epoch, msg["epoch"])
         self.d.on_commit_state_changed()
+
+    def reports_pending(self) -> bool:
+        """Whether a live or just discovered peer has not reported yet: a restore must not decide on what every
+        rank holds, or where a moved rank's snapshot lives, before it has (within a heartbeat, or PEER_TIMEOUT_S
+        for a peer that never does)."""
+        return any(not p.reported and (self.alive(n) or p.awaiting_first_report(self.clock))
+                   for n, p in self.peers.items())
 
     # ---- erasure-coding rounds -------------------------------------------------------------------------------
 
@@ -517,7 +516,8 @@ class Cluster:
             push.send(msgpack.packb(event, use_bin_type=True))
 
     def own_endpoint(self) -> str:
-        return self.sock.getsockopt_string(zmq.LAST_ENDPOINT).replace("0.0.0.0", "127.0.0.1")
+        bound = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return bound.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")  # a wildcard: reach it on loopback
 
     def _job_encode(self, link_to, step: int) -> dict:
         start = time.perf_counter()
@@ -594,16 +594,10 @@ class Cluster:
         elif kind == "rebuilt":
             self._finish_rebuild(GroupMeta.unpack(ev["meta"]))
         elif kind in ("probe_failed", "rebuild_failed"):
-            self.rebuilding, self.rebuild_error = False, ev["error"]
-            log.error("node %d cannot be rebuilt: %s", self.node, ev["error"])
-            self.d.on_commit_state_changed()
+            self._rebuild_failed(ev["error"])
         elif kind == "transfer_found":
-            try:
-                buf = self.d.transfer_target(ev["rank"], Header.unpack(ev["header"]))
-            except ShmFullError as exc:
-                self.d.fail_transfer(ev["rank"], ev["step"], str(exc))
-                return
-            self.jobs.put(("transfer", ev["rank"], ev["step"], ev["source"], buf, ev["header"]))
+            self.d.transfer_target(ev["rank"], Header.unpack(ev["header"]), lambda buf: self.jobs.put(
+                ("transfer", ev["rank"], ev["step"], ev["source"], buf, ev["header"])))
         elif kind == "transferred":
             self.d.install_transfer(ev["rank"], ev["step"], Header.unpack(ev["header"]), ev["source"])
         elif kind in ("transfer_lookup_failed", "transfer_failed"):
@@ -623,9 +617,15 @@ class Cluster:
         mine = meta.manifests[meta.members.index(self.node)]
         log.info("rebuilding node %d's snapshot of step %d (%d rank(s), %d bytes) from EC group %s", self.node,
                  meta.step, len(mine), sum(length for _, length, _ in mine), list(meta.members))
+        self._rebuild_started = time.monotonic()
+        self.d.store.when_ready([(rank, self.d.store.of(rank).buffers[0], HEADER_SIZE + length)
+                                 for rank, length, _ in mine],
+                                lambda: self._rebuild_into(meta_bytes, mine),
+                                lambda exc: self._rebuild_failed(str(exc)))  # no room: the ranks hear why
+
+    def _rebuild_into(self, meta_bytes: bytes, mine: tuple[tuple[int, int, bytes], ...]) -> None:
+        """The node's buffers are sized: mark them WRITING and rebuild into them on the worker thread."""
         parts, headers = [], {}
-        self.d.store.ensure_size([(rank, self.d.store.of(rank).buffers[0], HEADER_SIZE + length)
-                                  for rank, length, _ in mine])
         for rank, length, header_bytes in mine:
             header = Header.unpack(header_bytes)
             buf = self.d.store.of(rank).buffers[0]
@@ -634,7 +634,11 @@ class Cluster:
             parts.append(Part(rank, buf, length))
             headers[rank] = header
         self.jobs.put(("rebuild", meta_bytes, NodeData(parts), headers))
-        self._rebuild_started = time.monotonic()
+
+    def _rebuild_failed(self, error: str) -> None:
+        self.rebuilding, self.rebuild_error = False, error
+        log.error("node %d cannot be rebuilt: %s", self.node, error)
+        self.d.on_commit_state_changed()
 
     def _finish_rebuild(self, meta: GroupMeta) -> None:
         for rank, _, header_bytes in meta.manifests[meta.members.index(self.node)]:

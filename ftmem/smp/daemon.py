@@ -14,7 +14,7 @@ import signal
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 import zmq
@@ -149,6 +149,7 @@ class SnapshotDaemon:
             self._tick(sock)
 
     def _tick(self, sock: zmq.Socket) -> None:
+        self.store.run_ready()
         self._retry_pending(sock)
         if self.cluster is not None:
             self.cluster.tick()
@@ -250,8 +251,8 @@ class SnapshotDaemon:
             snaps, lost = self.store.of(msg["rank"]).complete(), ""
         elif self.cluster.join_error:
             raise RequestError(f"node {self.env.node}'s SMP cannot join its EC group: {self.cluster.join_error}")
-        elif self.cluster.rebuilding:
-            return None  # ranks restore only after this node's data is rebuilt
+        elif self.cluster.rebuilding or self.cluster.reports_pending():
+            return None  # ranks restore only after this node's data is rebuilt and every live peer reported
         else:
             live = {LOCAL} | {n for n in self.cluster.peers if self.cluster.alive(n)}
             snaps, lost = self.tracker.complete(msg["rank"], live), self.cluster.rebuild_error or ""
@@ -283,7 +284,7 @@ class SnapshotDaemon:
         error = self.transfer_errors.pop((rank, step), None)
         if error is not None:
             raise RequestError(error)
-        if (rank, step) in self.transfers:
+        if (rank, step) in self.transfers or (self.cluster is not None and self.cluster.reports_pending()):
             return
         epoch_of = [e for s, e in self.tracker.complete(rank) if s == step]
         holders = [n for n in self.tracker.holders(rank, (step, epoch_of[0])) if n != LOCAL] if epoch_of else []
@@ -302,15 +303,20 @@ class SnapshotDaemon:
             self._update_complete(msg["rank"])
         return {"retry": False}
 
-    def transfer_target(self, rank: int, header: Header) -> Buffer:
-        """A buffer for a moved rank's snapshot fetched from a peer: sized for it and marked WRITING."""
+    def transfer_target(self, rank: int, header: Header, then: Callable[[Buffer], None]) -> None:
+        """Size a buffer for a moved rank's snapshot fetched from a peer (its segment created off the event loop),
+        mark it WRITING and hand it to `then`; a shared-memory shortage fails the transfer."""
         rb = self.store.of(rank)
         target = rb.buffers[reusable([b.complete_step for b in rb.buffers], header.step, None)[0]]
         rb.invalidate(target)
-        self.store.ensure_size([(rank, target, HEADER_SIZE + header.payload_len)])
-        target.write_header(Header(BufferState.WRITING, rank=rank, world=header.world, step=header.step,
-                                   epoch=header.epoch))
-        return target
+
+        def sized() -> None:
+            target.write_header(Header(BufferState.WRITING, rank=rank, world=header.world, step=header.step,
+                                       epoch=header.epoch))
+            then(target)
+
+        self.store.when_ready([(rank, target, HEADER_SIZE + header.payload_len)], sized,
+                              lambda exc: self.fail_transfer(rank, header.step, str(exc)))
 
     def install_transfer(self, rank: int, step: int, header: Header, source: int) -> None:
         rb = self.store.of(rank)

@@ -33,7 +33,7 @@ class Directory:
 
     def __init__(self, store_endpoint: str, job: str, node: int, nnodes: int, timeout: float) -> None:
         host, _, port = store_endpoint.rpartition(":")
-        self._host, self._port = host or "127.0.0.1", int(port)
+        self._host, self._port = host.strip("[]") or "127.0.0.1", int(port)
         self._prefix = f"ftmem/{job}/"
         self.node, self.nnodes, self.timeout = node, nnodes, timeout
         self.peers: dict[int, tuple[str, str]] = {}

@@ -132,6 +132,7 @@ class PeerLink:
         if self._sock is None:
             self._sock = zmq.Context.instance().socket(zmq.DEALER)
             self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.setsockopt(zmq.IPV6, "[" in self.endpoint)  # see tcp_address
             self._sock.setsockopt(zmq.SNDHWM, 1000)
             self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_PEER_BYTES + 4096)
             self._sock.connect(self.endpoint)
@@ -194,12 +195,39 @@ class PeerLink:
             self._sock = None
 
 
+def default_peer_host(store: str) -> str:
+    """The local address that routes to the rendezvous store at `store` (host:port): loopback when the store is
+    local. For a name with IPv4 and IPv6 addresses, IPv4 is preferred, and an address without a route skipped."""
+    host = store.rpartition(":")[0].strip("[]") or "127.0.0.1"
+    found, error = socket.getaddrinfo(host, 9, type=socket.SOCK_DGRAM), None
+    for family, _, _, _, address in sorted(found, key=lambda a: a[0] != socket.AF_INET):
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect(address)  # UDP connect sends nothing
+                return s.getsockname()[0]
+        except OSError as exc:
+            error = exc
+    raise OSError(f"no local address routes to the rendezvous store's host {host!r}: {error}")
+
+
+def tcp_address(host: str, port: int | None = None) -> str:
+    """zmq's address of `host` (an IPv6 literal in brackets, given with or without them), and `port` if given."""
+    host = host.strip("[]")
+    address = f"tcp://[{host}]" if ":" in host else f"tcp://{host}"
+    return address if port is None else f"{address}:{port}"
+
+
+def endpoint_host_port(endpoint: str) -> tuple[str, int]:
+    """The inverse of `tcp_address`: (host without brackets, port)."""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def serving_node(codec: PeerCodec, endpoint: str, timeout: float) -> int | None:
     """The node whose live SMP (of this job, with this secret) serves `endpoint`, or None: a refused TCP connection
     says None at once; one that is accepted must answer a signed request within `timeout`."""
-    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
     try:
-        socket.create_connection((host, int(port)), timeout=min(timeout, CONNECT_PROBE_S)).close()
+        socket.create_connection(endpoint_host_port(endpoint), timeout=min(timeout, CONNECT_PROBE_S)).close()
     except OSError:
         return None
     link = PeerLink(codec, endpoint)

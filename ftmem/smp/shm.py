@@ -17,6 +17,9 @@ SHM_DIR = "/dev/shm"
 class ShmFullError(OSError):
     """/dev/shm cannot hold a segment; raised before anything is written (never a SIGBUS later)."""
 
+    def __str__(self) -> str:
+        return self.strerror  # the message names the errno's meaning; no "[Errno 28]" before it for users
+
 
 def shm_dir() -> str:
     return os.environ.get("FTMEM_SHM_DIR", SHM_DIR)
