@@ -288,6 +288,9 @@ class Cluster:
                      if recovering else "training gets the cores first")
 
     def _refresh_peers(self) -> None:
+        """Take in the directory's peers. A new one (or a new incarnation: a restart, a replacement) gets this
+        node's report at once rather than at the next heartbeat: a replacement's rebuild waits for its group's."""
+        new = []
         for node, (endpoint, incarnation) in self.directory.snapshot().items():
             peer = self.peers.get(node)
             if peer is None or peer.incarnation != incarnation:
@@ -297,6 +300,9 @@ class Cluster:
                         self.schedule.member_restarted()
                 self.peers[node] = _Peer(endpoint, incarnation, discovered=self.clock)
                 self.d.tracker.set_source(node, {})
+                new.append(node)
+        if new:
+            self.broadcast_report(new)
 
     def alive(self, node: int) -> bool:
         """Heard from within the last PEER_TIMEOUT_S on this SMP's listening clock, which runs with the event
@@ -331,7 +337,8 @@ class Cluster:
 
     # ---- reports and commit ----------------------------------------------------------------------------------
 
-    def broadcast_report(self) -> None:
+    def broadcast_report(self, nodes: list[int] | None = None) -> None:
+        """Report to `nodes` (default: every peer) which (step, epoch) each rank here holds."""
         if not self.ready:
             return
         complete = [[rank, s, e] for rank, rb in self.d.store.ranks.items() for s, e in rb.complete()]
@@ -339,7 +346,7 @@ class Cluster:
                       committed=-1 if self.d.tracker.committed is None else self.d.tracker.committed,
                       protected=-1 if self.protected is None else self.protected, rebuilding=self.rebuilding,
                       complete=complete)
-        for node in self.peers:
+        for node in self.peers if nodes is None else nodes:
             self._send(node, "report", **fields)
 
     def _on_report(self, msg: dict[str, Any]) -> None:
