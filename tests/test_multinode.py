@@ -514,6 +514,7 @@ def test_peer_socket_drops_forged_and_malformed_messages(peers):
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     try:
+        cases_seen = list(cases)
         for what, (frames, reason) in [*cases.items(), *malformed.items()]:
             count = c.output(smp0).count("rejected a peer message")
             sock.send_multipart(frames, copy=False)
@@ -530,6 +531,17 @@ def test_peer_socket_drops_forged_and_malformed_messages(peers):
             else:
                 assert sock.poll(500) == 0, f"a rejected forgery got a reply: {what}: {sock.recv_multipart()}"
         del big, cases
+
+        # a flood of forgeries is logged one by one only up to a budget (Throttled): it must not fill the disk
+        forged = PeerCodec(b"W" * 32, job, 1).pack("ec_status", 1)
+        for _ in range(300):
+            sock.send_multipart(forged, copy=False)
+        sock.send_multipart(good.pack("ec_status", 8, admin=True), copy=False)  # answered after the flood
+        assert sock.poll(30_000), "no reply after a flood of forgeries"
+        sock.recv_multipart()
+        assert smp0.poll() is None, c.logs()
+        lines = c.output(smp0).count("rejected a peer message: ")
+        assert len(cases_seen) <= lines <= 20, f"{lines} lines for {len(cases_seen)} + 300 forgeries\n{c.logs()}"
 
         # one frame beyond the socket's MAXMSGSIZE: zmq drops the connection before any ftmem code sees it
         count = c.output(smp0).count("rejected a peer message")

@@ -700,6 +700,40 @@ def test_a_failed_buffer_creation_is_reported_once_and_leaves_nothing(tmp_path, 
     assert shm.list_segments("ftmem.f.") == []
 
 
+# ------------------------------------------------------------------------------------------------ log throttle
+
+def test_a_flood_of_warnings_is_logged_up_to_a_budget_then_counted():
+    import logging
+
+    from ftmem.log import Throttled
+
+    lines, now = [], [0.0]
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger(f"ftmem.test-throttle-{uuid.uuid4().hex}")
+    logger.addHandler(Capture())
+    logger.propagate = False
+    t = Throttled(logger, "forgeries", burst=3, window_s=60.0, clock=lambda: now[0])
+    for i in range(10):
+        t.warning("forged %d", i)
+    assert lines == ["forged 0", "forged 1", "forged 2"]
+    now[0] = 59.0
+    t.flush()
+    assert len(lines) == 3  # the window is not over: nothing to say yet
+    now[0] = 60.0
+    t.flush()
+    assert lines[3] == "7 more forgeries within 60s, not logged one by one"
+    t.flush()
+    t.warning("forged %d", 10)  # a new window: logged again
+    assert lines[4:] == ["forged 10"]
+    now[0] = 200.0
+    t.flush()
+    assert len(lines) == 5  # nothing was suppressed in that window
+
+
 # ------------------------------------------------------------------------------------------------ peer addresses
 
 def test_peer_addresses_of_ipv4_and_ipv6_hosts():

@@ -28,7 +28,7 @@ import zmq
 
 from ftmem.erasure import check_config, group_members
 from ftmem.faults import crash_point
-from ftmem.log import get_logger
+from ftmem.log import Throttled, get_logger
 from ftmem.recovery.rebuild import RebuildError, fetch_payload, newest_protected, rebuild_node, verify
 from ftmem.smp.buffers import Buffer
 from ftmem.smp.directory import Directory, StoreUnreachable
@@ -164,6 +164,7 @@ class Cluster:
                                       "last_round_step": None, "last_round_bytes": 0, "rebuild_s": None, "lag_steps": 0}
         self._next_heartbeat = 0.0
         self._absent_warned = False  # that the group lacks members (see `_note_absent`)
+        self._forged = Throttled(log, "peer messages rejected as not authentic")
         self._rebuild_started = 0.0
         self.clock = 0.0  # seconds this SMP has been listening to its peers (see `alive`)
         self._last_tick = time.monotonic()
@@ -266,6 +267,7 @@ class Cluster:
         now = time.monotonic()
         self.clock += min(now - self._last_tick, HEARTBEAT_S)
         self._last_tick = now
+        self._forged.flush()
         if not self.ready:
             return
         self._set_priority()
@@ -674,7 +676,7 @@ class Cluster:
         try:
             msg, blobs = self.codec.unpack(rest)
         except PeerAuthError as exc:
-            log.warning("rejected a peer message: %s", exc)
+            self._forged.warning("rejected a peer message: %s", exc)
             return
         except ProtocolError as exc:
             log.warning("rejected a peer message (authentic but malformed): %s", exc)
