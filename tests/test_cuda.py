@@ -3,7 +3,6 @@
 Runs only where a GPU is present (CI has none); it exercises the same hook end to end in one process.
 """
 
-import sys
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import struct
 import threading
-import time
 
 import msgpack
 import pytest

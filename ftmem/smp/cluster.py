@@ -16,7 +16,6 @@ moved rank's payload), which run on one worker thread with its own peer links an
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time

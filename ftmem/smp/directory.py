@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import secrets
 import threading
-import time
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
