@@ -700,6 +700,50 @@ def test_a_failed_buffer_creation_is_reported_once_and_leaves_nothing(tmp_path, 
     assert shm.list_segments("ftmem.f.") == []
 
 
+# ------------------------------------------------------------------------------------------------ peer directory
+
+def test_the_peer_directory_costs_the_store_one_request_per_poll_once_every_node_published():
+    """Every SMP of a job polls the rendezvous store (which torch's rendezvous depends on) every 0.5 s. A poll
+    reads one short key; the peers' entries are read, in one request, only when a node (re)published. Before, a
+    poll cost two requests per node: O(nodes^2) per poll interval across a job of hundreds of nodes."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from ftmem.smp.directory import Directory
+
+    master = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    calls: list[str] = []
+
+    class Counted:
+        def __init__(self, store) -> None:
+            self._store = store
+
+        def __getattr__(self, name: str):
+            def call(*args):
+                calls.append(name)
+                return getattr(self._store, name)(*args)
+            return call
+
+    dirs = [Directory(f"127.0.0.1:{master.port}", "j", node, 3, 10.0) for node in range(3)]
+    for d in dirs:
+        d.connect()
+    for d in dirs[1:]:
+        d.publish(f"tcp://127.0.0.1:{5000 + d.node}", "first")
+    watcher = dirs[0]
+    watcher._store = Counted(watcher._store)
+    seen = watcher.refresh(-1)
+    assert watcher.snapshot() == {1: ("tcp://127.0.0.1:5001", "first"), 2: ("tcp://127.0.0.1:5002", "first")}
+    calls.clear()
+    for _ in range(5):
+        seen = watcher.refresh(seen)
+    assert calls == ["get"] * 5, calls  # nothing new: one request per poll, whatever the node count
+    dirs[2].publish("tcp://127.0.0.1:6002", "replacement")
+    seen = watcher.refresh(seen)
+    assert watcher.snapshot()[2] == ("tcp://127.0.0.1:6002", "replacement")
+    assert calls[5:] == ["get", "multi_get"], calls
+
+
 # ------------------------------------------------------------------------------------------------ log throttle
 
 def test_a_flood_of_warnings_is_logged_up_to_a_budget_then_counted():

@@ -1,7 +1,10 @@
 """Finding the job's other SMPs through the rendezvous store that torchrun already runs.
 
-Each SMP publishes its peer endpoint under `ftmem/<job>/smp/<node>` and polls for the others; a replacement
-node publishes a new incarnation, which its peers pick up on the next poll. The same store carries the job's
+Each SMP publishes its peer endpoint under `ftmem/<job>/smp/<node>` and appends its node id to
+`ftmem/<job>/published`; the others poll that one short key and read the entries (in one request) only when it
+grew. Polling every entry instead would cost the store, which the rendezvous depends on, two requests per node
+per poll on every node: a million a second for 500 nodes. A replacement node publishes a new incarnation, which its
+peers pick up on the next poll. The same store carries the job's
 peer secret when the user gave none (generated once by whichever SMP comes first): that is exactly as trusted
 as the rendezvous itself; set FTMEM_SECRET (or --ftmem-secret-file) where the store network is not trusted.
 """
@@ -34,6 +37,7 @@ class Directory:
         host, _, port = store_endpoint.rpartition(":")
         self._host, self._port = host.strip("[]") or "127.0.0.1", int(port)
         self._prefix = f"ftmem/{job}/"
+        self._published = self._prefix + "published"  # node ids, 4 bytes each, appended at every publication
         self.node, self.nnodes, self.timeout = node, nnodes, timeout
         self.peers: dict[int, tuple[str, str]] = {}
         self._lock = threading.Lock()
@@ -48,6 +52,7 @@ class Directory:
                                    wait_for_workers=False)
         except DistNetworkError as exc:
             raise StoreUnreachable(str(exc).splitlines()[0]) from None  # (the rest is a C++ stack)
+        self._store.append(self._published, b"")  # exists from now on: a get of it never waits
 
     def secret(self) -> bytes:
         """The job's shared secret, created by the first SMP that asks."""
@@ -76,6 +81,7 @@ class Directory:
     def publish(self, endpoint: str, incarnation: str) -> None:
         assert self._store is not None
         self._store.set(f"{self._prefix}smp/{self.node}", msgpack.packb([endpoint, incarnation]))
+        self._store.append(self._published, self.node.to_bytes(4, "little"))  # after the entry: it is there to read
 
     def start(self) -> None:
         threading.Thread(target=self._poll, name="ftmem-directory", daemon=True).start()
@@ -85,18 +91,29 @@ class Directory:
             return dict(self.peers)
 
     def _poll(self) -> None:
-        keys = {n: f"{self._prefix}smp/{n}" for n in range(self.nnodes) if n != self.node}
+        seen = -1
         while not self._stop.is_set():
             try:
-                present = [n for n, k in keys.items() if self._store.check([k])]
-                found = {n: tuple(msgpack.unpackb(self._store.get(keys[n]))) for n in present}
+                seen = self.refresh(seen)
             except Exception as exc:  # the store host is gone: keep what we know, retry
                 log.warning("peer directory: %s", exc)
                 self._stop.wait(2.0)
                 continue
+            self._stop.wait(0.5)
+
+    def refresh(self, seen: int) -> int:
+        """One poll: read the published node ids and, when they grew past `seen` bytes, every peer's entry; returns
+        the new `seen`."""
+        assert self._store is not None
+        ids = self._store.get(self._published)
+        if len(ids) != seen:
+            nodes = sorted({int.from_bytes(ids[i: i + 4], "little") for i in range(0, len(ids) - 3, 4)}
+                           & set(range(self.nnodes)) - {self.node})
+            values = self._store.multi_get([f"{self._prefix}smp/{n}" for n in nodes]) if nodes else []
+            found = {n: tuple(msgpack.unpackb(v)) for n, v in zip(nodes, values)}
             with self._lock:
                 self.peers = found
-            self._stop.wait(0.5)
+        return len(ids)
 
     def stop(self) -> None:
         self._stop.set()
