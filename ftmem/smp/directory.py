@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import msgpack
 
 from ftmem.log import get_logger
+from ftmem.smp.peer import endpoint_host_port
 
 if TYPE_CHECKING:
     from torch.distributed import TCPStore
@@ -34,8 +35,8 @@ class Directory:
     """Background thread publishing this SMP and collecting peers: node -> (endpoint, incarnation)."""
 
     def __init__(self, store_endpoint: str, job: str, node: int, nnodes: int, timeout: float) -> None:
-        host, _, port = store_endpoint.rpartition(":")
-        self._host, self._port = host.strip("[]") or "127.0.0.1", int(port)
+        host, self._port = endpoint_host_port(store_endpoint)
+        self._host = host or "127.0.0.1"
         self._prefix = f"ftmem/{job}/"
         self._published = self._prefix + "published"  # node ids, 4 bytes each, appended at every publication
         self.node, self.nnodes, self.timeout = node, nnodes, timeout

@@ -198,7 +198,7 @@ class PeerLink:
 def default_peer_host(store: str) -> str:
     """The local address that routes to the rendezvous store at `store` (host:port): loopback when the store is
     local. For a name with IPv4 and IPv6 addresses, IPv4 is preferred, and an address without a route skipped."""
-    host = store.rpartition(":")[0].strip("[]") or "127.0.0.1"
+    host = endpoint_host_port(store)[0] or "127.0.0.1"
     found, error = socket.getaddrinfo(host, 9, type=socket.SOCK_DGRAM), None
     for family, _, _, _, address in sorted(found, key=lambda a: a[0] != socket.AF_INET):
         try:
@@ -218,7 +218,8 @@ def tcp_address(host: str, port: int | None = None) -> str:
 
 
 def endpoint_host_port(endpoint: str) -> tuple[str, int]:
-    """The inverse of `tcp_address`: (host without brackets, port)."""
+    """(host without brackets, port) of `[tcp://]host:port`: the inverse of `tcp_address`, and the reading of the
+    rendezvous store's address."""
     host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
     return host.strip("[]"), int(port)
 
