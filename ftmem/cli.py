@@ -1,7 +1,8 @@
-"""`ftmem`: inspect and tidy the SMPs of running jobs on this machine.
+"""`ftmem`: inspect and tidy the SMPs of running jobs on this machine, and host a job's rendezvous store.
 
     ftmem status [--job-id J]     committed steps, memory and ranks of each SMP
     ftmem clean --job-id J        remove a job's shared memory (when no SMP of it is running)
+    ftmem store [--port P]        serve a job's rendezvous store from a host that is not a training node
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import glob
 import json
 import os
+import signal
 import sys
 
 from ftmem.env import runtime_dir
@@ -70,6 +72,29 @@ def clean(job: str) -> int:
     return 0
 
 
+def store(port: int | None) -> int:
+    """Host the c10d rendezvous store (torch's TCPStore, as torchrun's agent would) until SIGINT or SIGTERM.
+
+    With `--rdzv-endpoint` on a training node, that node's agent hosts the store, and the job (torch's rendezvous
+    as well as the SMPs' directory) dies with it. Served from elsewhere, any node may be lost, node 0 included:
+    every agent then finds the port taken, or the host not its own, and connects as a client."""
+    from torch.distributed import DistNetworkError, TCPStore
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import DEFAULT_PORT
+
+    port = DEFAULT_PORT if port is None else port
+    stop = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # before the store's threads start: they inherit the mask
+    try:
+        server = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    except DistNetworkError as exc:
+        print(f"ftmem store: cannot serve port {port}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(f"ftmem store: serving the rendezvous store on port {server.port} (every interface); pass "
+          f"--rdzv-endpoint THIS_HOST:{server.port} to every node. Ctrl-C stops it.", flush=True)
+    signal.sigwait(stop)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ftmem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -77,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--job-id")
     c = sub.add_parser("clean", help="remove a stopped job's shared memory")
     c.add_argument("--job-id", required=True)
+    r = sub.add_parser("store", help="serve a job's rendezvous store apart from its training nodes")
+    r.add_argument("--port", type=int, help="TCP port (default 29400: c10d's, for an endpoint given without one)")
     args = p.parse_args(argv)
+    if args.cmd == "store":
+        return store(args.port)
     return status(args.job_id) if args.cmd == "status" else clean(args.job_id)
 
 

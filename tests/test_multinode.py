@@ -6,7 +6,8 @@ final hash as a run without failures. More losses than the code tolerates must f
 step 0 or finish wrong. The SMP's peer socket drops forged and malformed messages and keeps serving, and an
 SMP that stalled does not take its live peers for gone.
 
-Node 0 is started first and never killed: its agent hosts the job's rendezvous store (and the SMPs' directory).
+Node 0 is started first and, unless a test serves the rendezvous store apart (`ftmem store`), never killed: its
+agent hosts the job's rendezvous store (and the SMPs' directory).
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ class Job:
     """The nodes of one simulated multi-node job; `procs[i]` is node i's current launcher."""
 
     def __init__(self, cluster: Cluster, nnodes: int, extra_args=(), script_args=(), keepalive=FAST_KEEPALIVE,
-                 **env: str) -> None:
-        self.c, self.nnodes, self.port = cluster, nnodes, free_port()
+                 port: int | None = None, **env: str) -> None:
+        self.c, self.nnodes, self.port = cluster, nnodes, port or free_port()
         self.extra, self.script, self.env = [*keepalive, *extra_args], [*TRAIN, *SLOW, *script_args], env
         self.procs: dict = {}
         self.killed: list = []
@@ -145,15 +146,16 @@ def restored(output: str) -> list[tuple[int, int, str]]:
 
 
 def kill_and_replace(cluster: Cluster, golden, *, nnodes: int, victims: tuple[int, ...], kill_at: int,
-                     extra_args=(), script_args=(), keepalive=FAST_KEEPALIVE) -> Job:
-    """Run an nnodes-node job, kill `victims` whole after step `kill_at`, start replacements, expect the golden
-    hash; returns the job for further checks."""
+                     extra_args=(), script_args=(), keepalive=FAST_KEEPALIVE, port: int | None = None) -> Job:
+    """Run an nnodes-node job (its rendezvous store at `port` when one serves it apart), kill `victims` whole after
+    step `kill_at`, start replacements, expect the golden hash; returns the job for further checks."""
     expected = golden(nnodes, *script_args)
-    job = Job(cluster, nnodes, ["--max-restarts", "3", *extra_args], script_args, keepalive,
+    survivor = min(set(range(nnodes)) - set(victims))
+    job = Job(cluster, nnodes, ["--max-restarts", "3", *extra_args], script_args, keepalive, port,
               FTMEM_TIMEOUT=TIMEOUT)
     job.start_all()
     job.wait_for_step(kill_at)
-    assert effective_nice(cluster.smp_info(0)["pid"]) == 10, "the SMP should yield the cores to training"
+    assert effective_nice(cluster.smp_info(survivor)["pid"]) == 10, "the SMP should yield the cores to training"
     job.kill(*victims)
     for i in victims:
         job.start(i, name=f"node{i}-replacement")
@@ -166,7 +168,7 @@ def kill_and_replace(cluster: Cluster, golden, *, nnodes: int, victims: tuple[in
         assert f"rebuilt node {i}'s snapshot" in cluster.smp_log(i), cluster.logs()
     if AUTOGROUP:  # the survivors served the rebuild at full priority, then yielded again
         assert re.search(r"nice 0 \(a node of the EC group is new or being rebuilt\).*\n.*nice 10 \(training",
-                         cluster.smp_log(0), re.S), cluster.smp_log(0)
+                         cluster.smp_log(survivor), re.S), cluster.smp_log(survivor)
     assert "resumed-at-step" in out, cluster.logs()
     rest = restored(out)
     print(f"restores: {rest}")
@@ -209,6 +211,31 @@ def test_four_nodes_two_parity_lose_two_at_once(cluster, golden):
     kill_and_replace(cluster, golden, nnodes=4, victims=(2, 3), kill_at=k, script_args=DIM,  # (the golden run
                      extra_args=["--ftmem-ec-group", "4", "--ftmem-ec-parity", "2"])  # of the test above)
     assert "EC group [0, 1, 2, 3] with 2 parity" in cluster.smp_log(0)
+
+
+def test_node_0_is_lost_and_rebuilt_when_the_rendezvous_store_is_served_apart(cluster, golden):
+    """With `ftmem store` hosting the rendezvous store, no training node holds it: losing node 0 (the node whose
+    agent would otherwise host it, the EC group's leader and the first SMP to publish) costs only the step in
+    flight, like losing any other node."""
+    k = random.Random(SEED + 5).randint(8, 18)
+    print(f"FTMEM_TEST_SEED={SEED}: node 0 dies after step {k}")
+    port = free_port()
+    store = cluster.python(["-m", "ftmem.cli", "store", "--port", str(port)], name="store")
+    cluster.wait_for_line(store, "serving the rendezvous store", timeout=60)
+    kill_and_replace(cluster, golden, nnodes=4, victims=(0,), kill_at=k, script_args=DIM, port=port)
+    assert "EC group [0, 1, 2, 3] with 1 parity" in cluster.smp_log(1)
+    assert store.poll() is None, cluster.output(store)
+
+
+def test_ftmem_store_says_when_its_port_is_taken(cluster):
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        store = cluster.python(["-m", "ftmem.cli", "store", "--port", str(port)], name="store")
+        out = cluster.wait(store, 60)
+    assert store.returncode == 1 and f"ftmem store: cannot serve port {port}" in out, out
+    assert "address already in use" in out, out
 
 
 def test_more_losses_than_parity_fail_loudly(cluster):

@@ -400,8 +400,8 @@ class Cluster:
     def _lead(self, now: float) -> None:
         mr = self.member_round
         if mr is not None and (now > mr.deadline or not self.alive(mr.leader)):
-            log.warning("abandoning EC round of step %d: its leader (node %d) is gone or it timed out", mr.step,
-                        mr.leader)
+            log.warning("abandoning EC round of step %d: %s", mr.step, f"its leader (node {mr.leader}) is gone"
+                        if not self.alive(mr.leader) else f"it did not end within {self.d.timeout:.0f}s")
             self.member_round = None
         if self._leader() != self.node:
             return
