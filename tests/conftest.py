@@ -204,11 +204,12 @@ def final_hash(output: str) -> str:
 
 
 def _node(self: Cluster, i: int, nnodes: int, port: int, extra_args=(), script_args=(), name: str | None = None,
-          **env: str) -> subprocess.Popen:
-    """Node `i` of an `nnodes`-node job: `ftmem-run --nnodes N --node-rank i --nproc-per-node 1` with the c10d
-    rendezvous at 127.0.0.1:port (hosted by the agent of whichever node starts first: start node 0 first and
-    never kill it) and this cluster's job id as the rendezvous id, running examples/train_gpt.py."""
-    args = ["--nnodes", str(nnodes), "--node-rank", str(i), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+          nproc: int = 1, **env: str) -> subprocess.Popen:
+    """Node `i` of an `nnodes`-node job: `ftmem-run --nnodes N --node-rank i --nproc-per-node NPROC` with the c10d
+    rendezvous at 127.0.0.1:port (hosted by the agent of whichever node starts first, unless `ftmem store` serves
+    it: start node 0 first and never kill it) and this cluster's job id as the rendezvous id, running
+    examples/train_gpt.py."""
+    args = ["--nnodes", str(nnodes), "--node-rank", str(i), "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", self.job, *extra_args]
     return self.ftmem_run(args, [*script_args], name=name or f"node{i}", **env)
 

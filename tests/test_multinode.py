@@ -73,14 +73,14 @@ class Job:
     """The nodes of one simulated multi-node job; `procs[i]` is node i's current launcher."""
 
     def __init__(self, cluster: Cluster, nnodes: int, extra_args=(), script_args=(), keepalive=FAST_KEEPALIVE,
-                 port: int | None = None, **env: str) -> None:
-        self.c, self.nnodes, self.port = cluster, nnodes, port or free_port()
+                 port: int | None = None, nproc: int = 1, **env: str) -> None:
+        self.c, self.nnodes, self.port, self.nproc = cluster, nnodes, port or free_port(), nproc
         self.extra, self.script, self.env = [*keepalive, *extra_args], [*TRAIN, *SLOW, *script_args], env
         self.procs: dict = {}
         self.killed: list = []
 
     def start(self, i: int, name: str | None = None, **env: str):
-        self.procs[i] = self.c.node(i, self.nnodes, self.port, self.extra, self.script, name=name,
+        self.procs[i] = self.c.node(i, self.nnodes, self.port, self.extra, self.script, name=name, nproc=self.nproc,
                                     **{**self.env, **env})
         return self.procs[i]
 
@@ -146,12 +146,14 @@ def restored(output: str) -> list[tuple[int, int, str]]:
 
 
 def kill_and_replace(cluster: Cluster, golden, *, nnodes: int, victims: tuple[int, ...], kill_at: int,
-                     extra_args=(), script_args=(), keepalive=FAST_KEEPALIVE, port: int | None = None) -> Job:
-    """Run an nnodes-node job (its rendezvous store at `port` when one serves it apart), kill `victims` whole after
-    step `kill_at`, start replacements, expect the golden hash; returns the job for further checks."""
-    expected = golden(nnodes, *script_args)
+                     extra_args=(), script_args=(), keepalive=FAST_KEEPALIVE, port: int | None = None,
+                     nproc: int = 1) -> Job:
+    """Run an nnodes-node job of `nproc` ranks per node (its rendezvous store at `port` when one serves it apart),
+    kill `victims` whole after step `kill_at`, start replacements, expect the golden hash; returns the job for
+    further checks."""
+    expected = golden(nnodes * nproc, *script_args)
     survivor = min(set(range(nnodes)) - set(victims))
-    job = Job(cluster, nnodes, ["--max-restarts", "3", *extra_args], script_args, keepalive, port,
+    job = Job(cluster, nnodes, ["--max-restarts", "3", *extra_args], script_args, keepalive, port, nproc,
               FTMEM_TIMEOUT=TIMEOUT)
     job.start_all()
     job.wait_for_step(kill_at)
@@ -213,17 +215,21 @@ def test_four_nodes_two_parity_lose_two_at_once(cluster, golden):
     assert "EC group [0, 1, 2, 3] with 2 parity" in cluster.smp_log(0)
 
 
-def test_node_0_is_lost_and_rebuilt_when_the_rendezvous_store_is_served_apart(cluster, golden):
+def test_node_0_is_lost_and_rebuilt_with_both_its_ranks_when_the_store_is_served_apart(cluster, golden):
     """With `ftmem store` hosting the rendezvous store, no training node holds it: losing node 0 (the node whose
     agent would otherwise host it, the EC group's leader and the first SMP to publish) costs only the step in
-    flight, like losing any other node."""
+    flight, like losing any other node. Nodes run two ranks each: a node's snapshot is its ranks' snapshots
+    together (one member of the EC group), and the replacement rebuilds every one of them."""
     k = random.Random(SEED + 5).randint(8, 18)
-    print(f"FTMEM_TEST_SEED={SEED}: node 0 dies after step {k}")
+    print(f"FTMEM_TEST_SEED={SEED}: node 0 (2 ranks) dies after step {k}")
     port = free_port()
     store = cluster.python(["-m", "ftmem.cli", "store", "--port", str(port)], name="store")
     cluster.wait_for_line(store, "serving the rendezvous store", timeout=60)
-    kill_and_replace(cluster, golden, nnodes=4, victims=(0,), kill_at=k, script_args=DIM, port=port)
-    assert "EC group [0, 1, 2, 3] with 1 parity" in cluster.smp_log(1)
+    job = kill_and_replace(cluster, golden, nnodes=3, victims=(0,), kill_at=k, script_args=DIM, port=port, nproc=2)
+    assert "EC group [0, 1, 2] with 1 parity" in cluster.smp_log(1)
+    assert re.search(r"rebuilding node 0's snapshot of step \d+ \(2 rank\(s\)", cluster.smp_log(0)), cluster.smp_log(0)
+    rest = restored(job.output())
+    assert {r for r, _, _ in rest} == set(range(6)), f"every rank restores: {rest}\n{cluster.logs()}"
     assert store.poll() is None, cluster.output(store)
 
 

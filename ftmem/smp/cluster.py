@@ -651,7 +651,7 @@ class Cluster:
     def _finish_rebuild(self, meta: GroupMeta) -> None:
         for rank, _, header_bytes in meta.manifests[meta.members.index(self.node)]:
             self.d.store.of(rank).buffers[0].write_header(
-                Header.unpack(header_bytes), origin=f"erasure code (rebuilt from nodes {list(meta.members)})")
+                Header.unpack(header_bytes), origin=f"erasure code of EC group {list(meta.members)}")
             self.d.refresh_rank(rank)
         self.parity.promote(meta.step, meta.pack())
         self.meta, self.protected, self.rebuilding = meta, meta.step, False
