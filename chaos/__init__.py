@@ -1,5 +1,5 @@
-"""Fault injection for running ftmem jobs (the `ftmem-chaos` CLI builds on these)."""
+"""Fault injection for running ftmem jobs: the `ftmem-chaos` CLI (`ftmem.chaos.cli`) and the pieces it uses."""
 
-from ftmem.chaos.nodes import kill_node, node_processes
+from ftmem.chaos.nodes import kill_node, kill_nodes, node_processes
 
-__all__ = ["kill_node", "node_processes"]
+__all__ = ["kill_node", "kill_nodes", "node_processes"]

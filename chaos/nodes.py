@@ -1,6 +1,6 @@
-"""Killing a whole simulated node: its `ftmem-run`, the agent's workers, its SMP and its shared memory.
+"""Killing whole simulated nodes: each node's `ftmem-run`, the agent's workers, its SMP and its shared memory.
 
-Only the processes of that node are touched, found by PID from the launcher down and from the SMP's info file;
+Only the processes of those nodes are touched, found by PID from the launcher down and from the SMP's info file;
 nothing is matched by name.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from typing import Mapping
 
 import psutil
 
@@ -34,18 +35,25 @@ def node_processes(launcher_pid: int, env: NodeEnv) -> list[psutil.Process]:
     return procs
 
 
-def kill_node(launcher_pid: int, env: NodeEnv) -> list[int]:
-    """SIGKILL every process of the node at once and unlink its segments, as if the machine died."""
-    procs = node_processes(launcher_pid, env)
+def kill_nodes(launchers: Mapping[NodeEnv, int]) -> list[int]:
+    """Kill nodes {node: its launcher's pid} as if their machines died together: SIGKILL every process of every
+    node first, then wait for them and unlink each node's segments and files. Returns the pids killed."""
+    procs = [p for env, pid in launchers.items() for p in node_processes(pid, env)]
     for p in procs:
         try:
             p.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(procs, timeout=10)
-    for name in list_segments(env.segment_prefix):
-        unlink(name)
-    for path in (env.info_path, env.socket_path):
-        if os.path.exists(path):
-            os.unlink(path)
-    return [p.pid for p in procs]
+    for env in launchers:
+        for name in list_segments(env.segment_prefix):
+            unlink(name)
+        for path in (env.info_path, env.socket_path):
+            if os.path.exists(path):
+                os.unlink(path)
+    return sorted(p.pid for p in procs)
+
+
+def kill_node(launcher_pid: int, env: NodeEnv) -> list[int]:
+    """SIGKILL every process of the node at once and unlink its segments, as if the machine died."""
+    return kill_nodes({env: launcher_pid})

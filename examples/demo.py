@@ -4,12 +4,13 @@
 2. Three "nodes" on this machine, each its own `ftmem-run --nnodes 3 --node-rank i` with its own SMP and
    shared-memory namespace, talking over loopback only. Snapshots are taken every step and erasure-coded across
    the three nodes (1 parity: any one node may be lost).
-3. Mid-run, node 2 dies whole: its launcher, its worker, its SMP and all of its shared memory. A replacement
-   node 2 starts with empty memory; its SMP rebuilds the lost snapshot from the two survivors, every rank
-   restores the same step, and training goes on.
+3. Mid-run, node 2 dies whole (`ftmem-chaos kill-node`): its launcher, its worker, its SMP and all of its
+   shared memory. A replacement node 2 starts with empty memory; its SMP rebuilds the lost snapshot from the two
+   survivors, every rank restores the same step, and training goes on.
 4. The final hashes are compared: they must be identical.
 
-`--nodes 1` instead kills one worker rank of a single-node job (recovery from the node's own SMP).
+`--nodes 1` instead kills one worker rank of a single-node job (`ftmem-chaos kill-rank`; recovery from the node's
+own SMP).
 """
 
 from __future__ import annotations
@@ -25,10 +26,6 @@ import time
 import uuid
 from pathlib import Path
 
-import psutil
-
-from ftmem.chaos import kill_node
-from ftmem.env import NodeEnv
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "train_gpt.py"
@@ -90,6 +87,15 @@ class Job:
         if failed:
             sys.exit(f"demo: {failed} failed; logs in {self.work}")
 
+    def chaos(self, *args: str) -> str:
+        """Run `ftmem-chaos ARGS` (as a user would, from another terminal) and say what it did."""
+        print(f"   $ ftmem-chaos {' '.join(args)}", flush=True)
+        done = subprocess.run([sys.executable, "-m", "ftmem.chaos.cli", *args], env=self.env, capture_output=True,
+                              text=True, timeout=self.timeout)
+        if done.returncode != 0:
+            sys.exit(f"demo: ftmem-chaos failed: {done.stderr.strip()}")
+        return done.stdout.strip()
+
     def final_hash(self, name: str) -> str:
         text = self.procs[name][1].read_text(errors="replace")
         return next(line.split()[1] for line in reversed(text.splitlines()) if line.startswith("final-hash "))
@@ -124,11 +130,9 @@ def multi_node(args: argparse.Namespace, work: Path, train: list[str]) -> str:
         node(i, f"node{i}")
     victim = args.nodes - 1
     job.wait_for("node0", f"step {args.kill_at} ")
-    env = NodeEnv(job_id, victim)
-    os.environ["FTMEM_RUNTIME_DIR"] = str(work / "run")
-    pids = kill_node(job.procs[f"node{victim}"][0].pid, env)
-    _say(f"3/4 node {victim} died whole after step {args.kill_at} (SIGKILL pids {pids}, shared memory unlinked); "
-         f"starting a replacement node {victim} with empty memory")
+    _say(f"3/4 node {victim} dies whole after step {args.kill_at}: its launcher, worker, SMP and shared memory")
+    print(f"   {job.chaos('kill-node', '--job-id', job_id, '--node', str(victim))}", flush=True)
+    print(f"   starting a replacement node {victim} with empty memory", flush=True)
     node(victim, f"node{victim}-replacement")
     job.finish()
     return job.final_hash("node0")
@@ -137,13 +141,12 @@ def multi_node(args: argparse.Namespace, work: Path, train: list[str]) -> str:
 def single_node(args: argparse.Namespace, work: Path, train: list[str]) -> str:
     job = Job(work, args.timeout)
     _say("2/4 ftmem-run --nproc-per-node 2 --max-restarts 3")
-    run = job.start("node0", [sys.executable, "-m", "ftmem.launcher.main", "--nproc-per-node", "2",
-                              "--max-restarts", "3", "--ftmem-job-id", f"demo-{uuid.uuid4().hex[:6]}", *train])
+    job_id = f"demo-{uuid.uuid4().hex[:6]}"
+    job.start("node0", [sys.executable, "-m", "ftmem.launcher.main", "--nproc-per-node", "2", "--max-restarts", "3",
+                        "--ftmem-job-id", job_id, *train])
     job.wait_for("node0", f"step {args.kill_at} ")
-    victim = next(c for c in psutil.Process(run.pid).children(recursive=True)
-                  if str(SCRIPT) in " ".join(c.cmdline()) and c.environ().get("LOCAL_RANK") == "1")
-    _say(f"3/4 SIGKILL rank 1 (pid {victim.pid}) after step {args.kill_at}")
-    victim.send_signal(signal.SIGKILL)
+    _say(f"3/4 rank 1 dies after step {args.kill_at}")
+    print(f"   {job.chaos('kill-rank', '--job-id', job_id, '--rank', '1')}", flush=True)
     job.finish()
     return job.final_hash("node0")
 

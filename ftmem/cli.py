@@ -8,26 +8,12 @@
 from __future__ import annotations
 
 import argparse
-import glob
-import json
-import os
 import signal
 import sys
 
-from ftmem.env import runtime_dir
+from ftmem.env import running_smps
 from ftmem.smp.protocol import ControlClient, SmpError, SmpUnavailable
 from ftmem.smp.shm import list_segments, unlink
-
-
-def _smp_infos(job: str | None) -> list[dict]:
-    infos = []
-    for path in sorted(glob.glob(os.path.join(runtime_dir(), f"{job or '*'}.n*.json"))):
-        try:
-            with open(path) as f:
-                infos.append(json.load(f))
-        except (OSError, ValueError):
-            continue
-    return infos
 
 
 def _human(n: int) -> str:
@@ -39,7 +25,7 @@ def _human(n: int) -> str:
 
 
 def status(job: str | None) -> int:
-    infos = _smp_infos(job)
+    infos = running_smps(job)
     if not infos:
         print(f"no running SMP{' for job ' + job if job else ''} on this machine")
         return 1
@@ -62,7 +48,7 @@ def status(job: str | None) -> int:
 
 
 def clean(job: str) -> int:
-    if _smp_infos(job):
+    if running_smps(job):
         print(f"an SMP of job {job} is running; stop the job first", file=sys.stderr)
         return 1
     names = list_segments(f"ftmem.{job}.")

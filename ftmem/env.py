@@ -7,6 +7,8 @@ its SMP and its segments without any other configuration. `ftmem-run` sets the v
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -68,3 +70,15 @@ class NodeEnv:
     def info_path(self) -> str:
         """JSON written by the SMP: its pid, the launcher's pid, addresses (read by `ftmem status` and chaos)."""
         return os.path.join(runtime_dir(), f"{self.job}.n{self.node}.json")
+
+
+def running_smps(job: str | None = None) -> list[dict]:
+    """The info files (`NodeEnv.info_path`) of the SMPs running on this machine, of `job` or of every job."""
+    infos = []
+    for path in sorted(glob.glob(os.path.join(runtime_dir(), f"{job or '*'}.n*.json"))):
+        try:
+            with open(path) as f:
+                infos.append(json.load(f))
+        except (OSError, ValueError):
+            continue
+    return infos

@@ -214,39 +214,4 @@ def _node(self: Cluster, i: int, nnodes: int, port: int, extra_args=(), script_a
     return self.ftmem_run(args, [*script_args], name=name or f"node{i}", **env)
 
 
-def _kill_nodes(self: Cluster, procs: dict[int, subprocess.Popen]) -> list[int]:
-    """Kill simulated nodes {node: its launcher} whole and at once, as if the machines died together: SIGKILL to
-    every process of every victim first (launcher, agent, workers, SMP), then ftmem.chaos.kill_node per node to
-    wait for them and unlink the nodes' segments. Returns the pids killed."""
-    from ftmem.chaos import kill_node, node_processes
-    from ftmem.env import NodeEnv
-
-    saved = os.environ.get("FTMEM_RUNTIME_DIR")
-    os.environ["FTMEM_RUNTIME_DIR"] = str(self.runtime)  # kill_node finds the SMP through NodeEnv's paths
-    try:
-        victims = [p for node, proc in procs.items() for p in node_processes(proc.pid, NodeEnv(self.job, node))]
-        for p in victims:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        pids = {p.pid for p in victims}
-        for node, proc in procs.items():
-            pids.update(kill_node(proc.pid, NodeEnv(self.job, node)))
-        return sorted(pids)
-    finally:
-        if saved is None:
-            os.environ.pop("FTMEM_RUNTIME_DIR", None)
-        else:
-            os.environ["FTMEM_RUNTIME_DIR"] = saved
-
-
-def _kill_node(self: Cluster, proc: subprocess.Popen, node: int) -> list[int]:
-    """Kill simulated node `node` (launched as `proc`) whole with ftmem.chaos.kill_node: its launcher, agent,
-    workers and SMP at once, and its shared memory. Returns the pids killed."""
-    return _kill_nodes(self, {node: proc})
-
-
 Cluster.node = _node
-Cluster.kill_node = _kill_node
-Cluster.kill_nodes = _kill_nodes

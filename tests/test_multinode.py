@@ -1,6 +1,6 @@
 """Simulated multi-node jobs on one machine (DESIGN.md sections 5 and 7): one `ftmem-run --nnodes N --node-rank i`
 per node, all on loopback, each with its own SMP and shared memory. A node is lost whole (launcher, agent,
-workers, SMP and segments at once, ftmem.chaos.kill_node) and a replacement with the same node rank and empty
+workers, SMP and segments at once, `ftmem-chaos kill-node`) and a replacement with the same node rank and empty
 memory joins; its SMP rebuilds the lost snapshot from the survivors' erasure code and the job ends with the same
 final hash as a run without failures. More losses than the code tolerates must fail loudly, never restart from
 step 0 or finish wrong. The SMP's peer socket drops forged and malformed messages and keeps serving, and an
@@ -109,11 +109,17 @@ class Job:
         self.c.wait_until(seen, timeout, f"step {step}")
 
     def kill(self, *nodes: int) -> None:
-        """Kill `nodes` whole, all at once."""
-        pids = self.c.kill_nodes({i: self.procs[i] for i in nodes})
-        print(f"killed node(s) {list(nodes)}: pids {pids}")
+        """Kill `nodes` whole, all at once, as a user would: `ftmem-chaos kill-node`."""
+        chaos = self.c.python(["-m", "ftmem.chaos.cli", "kill-node", "--job-id", self.c.job,
+                               *[arg for i in nodes for arg in ("--node", str(i))]],
+                              name="chaos-kill-node-" + "-".join(map(str, nodes)))
+        out = self.c.wait(chaos, timeout=60)
+        assert chaos.returncode == 0, f"ftmem-chaos failed: {out}\n{self.c.logs()}"
+        print(out.strip())
         self.killed.extend(self.procs.pop(i) for i in nodes)
-        assert all(node_segments(self.c, i) == [] for i in nodes), "kill_node left segments behind"
+        for proc in self.killed[-len(nodes):]:
+            assert proc.wait(timeout=10) == -signal.SIGKILL, f"launcher of a killed node still runs\n{out}"
+        assert all(node_segments(self.c, i) == [] for i in nodes), "kill-node left segments behind"
 
     def crashes(self) -> list[str]:
         """SMP logs with a python traceback: an SMP (or its worker thread) died of a bug."""

@@ -65,6 +65,14 @@ def kill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+def chaos(cluster: Cluster, *args: str) -> str:
+    """Run `ftmem-chaos ARGS` on the cluster's job; its output (it must succeed)."""
+    proc = cluster.python(["-m", "ftmem.chaos.cli", *args, "--job-id", cluster.job], name=f"chaos-{args[0]}")
+    out = cluster.wait(proc, timeout=120)
+    assert proc.returncode == 0, f"ftmem-chaos {' '.join(args)} failed: {out}\n{cluster.logs()}"
+    return out
+
+
 def test_hook_changes_no_result(cluster, golden2):
     out = wait_ok(cluster, cluster.ftmem_run(TWO, STEPS))
     assert final_hash(out) == golden2
@@ -78,12 +86,10 @@ def test_rank_sigkilled_at_a_random_step(cluster, golden2):
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     step = rng.randint(2, 14)
-    print(f"seed {seed}: SIGKILL rank 1 after rank 0 printed step {step}")
+    print(f"seed {seed}: SIGKILL rank 1 once the job committed step {step}")
     run = cluster.ftmem_run([*TWO, "--max-restarts", "2"], [*STEPS, *SLOW])
-    cluster.wait_for_line(run, f"step {step} loss")
-    workers = cluster.workers(run)
-    assert set(workers) == {0, 1}, f"workers found: {workers} (seed {seed})"
-    workers[1].kill()
+    chaos_out = chaos(cluster, "kill-rank", "--rank", "1", "--after-step", str(step))
+    assert re.search(r"sent SIGKILL to rank 1 of job \S+ \(pid \d+, node 0\)", chaos_out), chaos_out
     out = wait_ok(cluster, run)
     assert final_hash(out) == golden2, f"seed {seed}"
     restored = restored_steps(out)
@@ -124,7 +130,7 @@ def test_smp_killed_mid_run_is_restarted_and_readopts(cluster, golden2):
     cluster.wait_until(lambda: "restarting it (restart 1)" in cluster.output(run), 30, "the first SMP restart")
     second = cluster.smp_info()["pid"]
     assert re.search(rf"serving job .* \(pid {second}\)", cluster.smp_log()), "not the restarted SMP"
-    kill(second)
+    assert f"SMP of job {cluster.job} node 0 (pid {second})" in chaos(cluster, "kill-smp")
     out = wait_ok(cluster, run)
     assert final_hash(out) == golden2, f"seed {seed}"
     assert re.search(r"SMP of node 0 exited with code -9; restarting it \(restart 2\)", out), cluster.logs()
