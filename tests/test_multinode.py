@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from datetime import timedelta
+from unittest.mock import patch
 
 import msgpack
 import psutil
@@ -31,6 +32,8 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from conftest import EXAMPLE, Cluster, final_hash, free_port
+from ftmem.chaos import kill_nodes
+from ftmem.env import NodeEnv
 from ftmem.smp.cluster import PEER_TIMEOUT_S
 from ftmem.smp.peer import MAX_PEER_BYTES, PeerCodec, PeerLink, secret_id
 from ftmem.smp.process import autogrouping, effective_nice
@@ -108,17 +111,23 @@ class Job:
 
         self.c.wait_until(seen, timeout, f"step {step}")
 
-    def kill(self, *nodes: int) -> None:
-        """Kill `nodes` whole, all at once, as a user would: `ftmem-chaos kill-node`."""
-        chaos = self.c.python(["-m", "ftmem.chaos.cli", "kill-node", "--job-id", self.c.job,
-                               *[arg for i in nodes for arg in ("--node", str(i))]],
-                              name="chaos-kill-node-" + "-".join(map(str, nodes)))
-        out = self.c.wait(chaos, timeout=60)
-        assert chaos.returncode == 0, f"ftmem-chaos failed: {out}\n{self.c.logs()}"
-        print(out.strip())
+    def kill(self, *nodes: int, now: bool = False) -> None:
+        """Kill `nodes` whole, all at once, as a user would: `ftmem-chaos kill-node`. With `now`, by the same
+        library call from this process instead, for a moment that the CLI's start-up (~0.3 s here) would miss."""
+        if now:
+            with patch.dict(os.environ, FTMEM_RUNTIME_DIR=str(self.c.runtime)):  # where NodeEnv's paths lie
+                pids = kill_nodes({NodeEnv(self.c.job, i): self.procs[i].pid for i in nodes})
+            print(f"killed node(s) {list(nodes)}: pids {pids}")
+        else:
+            chaos = self.c.python(["-m", "ftmem.chaos.cli", "kill-node", "--job-id", self.c.job,
+                                   *[arg for i in nodes for arg in ("--node", str(i))]],
+                                  name="chaos-kill-node-" + "-".join(map(str, nodes)))
+            out = self.c.wait(chaos, timeout=60)
+            assert chaos.returncode == 0, f"ftmem-chaos failed: {out}\n{self.c.logs()}"
+            print(out.strip())
+            for i in nodes:  # (kill_nodes above reaps them itself: they are this process's children)
+                assert self.procs[i].wait(timeout=10) == -signal.SIGKILL, f"node {i}'s launcher survived\n{out}"
         self.killed.extend(self.procs.pop(i) for i in nodes)
-        for proc in self.killed[-len(nodes):]:
-            assert proc.wait(timeout=10) == -signal.SIGKILL, f"launcher of a killed node still runs\n{out}"
         assert all(node_segments(self.c, i) == [] for i in nodes), "kill-node left segments behind"
 
     def crashes(self) -> list[str]:
@@ -401,7 +410,7 @@ def test_node_killed_while_its_parity_is_being_computed(cluster, golden):
 
     cluster.wait_until(round_started, 120, "node 2 to start its second EC round", interval=0.001)
     start = time.monotonic()
-    job.kill(2)
+    job.kill(2, now=True)
     print(f"node 2 killed (and reaped) {1000 * (time.monotonic() - start):.0f} ms after its second round was "
           f"seen starting")
     status = node0.call("status")
