@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from typing import Mapping
 
 import psutil
@@ -35,6 +36,23 @@ def node_processes(launcher_pid: int, env: NodeEnv) -> list[psutil.Process]:
     return procs
 
 
+def _wait_dead(procs: list[psutil.Process], timeout: float) -> None:
+    """Until every process is gone or a zombie (dead, its memory released, waiting for its parent to reap it).
+    Not reaped here: a launcher's parent (a shell, a scheduler, a test) owns its exit status."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(_running(p) for p in procs):
+            return
+        time.sleep(0.005)
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def kill_nodes(launchers: Mapping[NodeEnv, int]) -> list[int]:
     """Kill nodes {node: its launcher's pid} as if their machines died together: SIGKILL every process of every
     node first, then wait for them and unlink each node's segments and files. Returns the pids killed."""
@@ -44,7 +62,7 @@ def kill_nodes(launchers: Mapping[NodeEnv, int]) -> list[int]:
             p.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=10)
+    _wait_dead(procs, timeout=10)
     for env in launchers:
         for name in list_segments(env.segment_prefix):
             unlink(name)

@@ -125,7 +125,7 @@ class Job:
             out = self.c.wait(chaos, timeout=60)
             assert chaos.returncode == 0, f"ftmem-chaos failed: {out}\n{self.c.logs()}"
             print(out.strip())
-            for i in nodes:  # (kill_nodes above reaps them itself: they are this process's children)
+            for i in nodes:
                 assert self.procs[i].wait(timeout=10) == -signal.SIGKILL, f"node {i}'s launcher survived\n{out}"
         self.killed.extend(self.procs.pop(i) for i in nodes)
         assert all(node_segments(self.c, i) == [] for i in nodes), "kill-node left segments behind"
@@ -411,7 +411,7 @@ def test_node_killed_while_its_parity_is_being_computed(cluster, golden):
     cluster.wait_until(round_started, 120, "node 2 to start its second EC round", interval=0.001)
     start = time.monotonic()
     job.kill(2, now=True)
-    print(f"node 2 killed (and reaped) {1000 * (time.monotonic() - start):.0f} ms after its second round was "
+    print(f"node 2 killed {1000 * (time.monotonic() - start):.0f} ms after its second round was "
           f"seen starting")
     status = node0.call("status")
     print(f"node 0: first protected step {first}; right after the kill: committed {status['committed']}, "
