@@ -43,12 +43,23 @@ def _job(job: str | None) -> str:
     return job or jobs[0]
 
 
+def _live(info: dict) -> psutil.Process | None:
+    """The SMP an info file names, if it still runs: a file left by a dead SMP may name a pid reused since, and
+    ftmem-chaos ends only the processes of the job. Its command line (`-m ftmem.smp --job-id J --node N`) says."""
+    try:
+        smp = psutil.Process(info["pid"])
+        args = smp.cmdline()
+    except psutil.Error:
+        return None
+    return smp if "ftmem.smp" in args and f"--job-id {info['job']} --node {info['node']}" in " ".join(args) else None
+
+
 def _smp(job: str, node: int | None) -> dict:
-    infos = running_smps(job)
+    infos = [i for i in running_smps(job) if _live(i)]
     found = [i for i in infos if node is None or i["node"] == node]
     if not found:
-        raise NotRunning(f"node {node} of job {job!r} has no SMP on this machine (nodes here: "
-                         f"{sorted(i['node'] for i in infos)})")
+        raise NotRunning(f"{'job' if node is None else f'node {node} of job'} {job!r} has no running SMP on this "
+                         f"machine (nodes here: {sorted(i['node'] for i in infos)})")
     if len(found) > 1:
         raise ChaosError(f"job {job!r} has nodes {sorted(i['node'] for i in found)} here: pass --node")
     return found[0]
@@ -107,8 +118,18 @@ def kill_smp(job: str, node: int | None, sig: signal.Signals) -> str:
     return f"sent {sig.name} to the SMP of job {job} node {info['node']} (pid {info['pid']})"
 
 
+def _launcher(job: str, node: int) -> int:
+    """The pid of the `ftmem-run` that started node `node`'s SMP (still its parent)."""
+    info = _smp(job, node)
+    smp = _live(info)
+    if info.get("parent_pid") is None or smp is None or smp.ppid() != info["parent_pid"]:
+        raise ChaosError(f"node {node}'s SMP was not started by a running ftmem-run (its launcher is what "
+                         f"kill-node kills first); kill-rank and kill-smp still work")
+    return info["parent_pid"]
+
+
 def kill_node(job: str, nodes: list[int]) -> str:
-    launchers = {NodeEnv(job, n): _smp(job, n)["parent_pid"] for n in nodes}
+    launchers = {NodeEnv(job, n): _launcher(job, n) for n in nodes}
     pids = kill_nodes(launchers)
     return (f"killed node(s) {nodes} of job {job} whole: SIGKILL to pids {pids}, their shared memory unlinked; "
             f"start each replacement with the same --node-rank")
