@@ -1,8 +1,8 @@
 """Deterministic crash points for fault drills: kill this process at an exact phase of the protocol.
 
-`FTMEM_CRASH_AT="point@step[@rank],..."` arms points (step `*`: the first time the point is reached); each fires at most once per `FTMEM_CRASH_MARKER` path (a
-file created when it fires), so the restarted process runs on instead of crashing again. Unset, it costs one
-dictionary lookup.
+`FTMEM_CRASH_AT="point@step[@rank],..."` arms points (step `*`: the first time the point is reached); each
+fires at most once per `FTMEM_CRASH_MARKER` path (a file created when it fires), so the restarted process runs on
+instead of crashing again. Unset, it costs one dictionary lookup. (From outside a job: `ftmem-chaos`.)
 """
 
 from __future__ import annotations

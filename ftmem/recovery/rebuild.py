@@ -43,8 +43,8 @@ def newest_protected(members: tuple[int, ...], node: int, link_to: Callable[[int
     return best
 
 
-def rebuild_node(meta: GroupMeta, node: int, data: NodeData, parity: ParityStore, link_to: Callable[[int], PeerLink | None],
-                 timeout: float) -> None:
+def rebuild_node(meta: GroupMeta, node: int, data: NodeData, parity: ParityStore,
+                 link_to: Callable[[int], PeerLink | None], timeout: float) -> None:
     """Fill `data` (this node's rank buffers, already sized) and a parity slot for `meta.step`."""
     layout, me = meta.layout, meta.members.index(node)
     seg = parity.work(meta.step, layout.parity_bytes(me))
