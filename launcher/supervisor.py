@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -27,8 +28,6 @@ class SmpSupervisor:
         self.logfile = f"{runtime_dir()}/{env.job}.n{env.node}.smp.log"
 
     def _spawn(self) -> None:
-        import os
-
         with open(self.logfile, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "ftmem.smp", "--job-id", self.env.job, "--node", str(self.env.node),
