@@ -54,13 +54,18 @@ def _live(info: dict) -> psutil.Process | None:
     return smp if "ftmem.smp" in args and f"--job-id {info['job']} --node {info['node']}" in " ".join(args) else None
 
 
-def _smp(job: str, node: int | None) -> dict:
-    infos = [i for i in running_smps(job) if _live(i)]
+def _live_smps(job: str) -> list[dict]:
+    return [info for info in running_smps(job) if _live(info)]
+
+
+def _smp(job: str, node: int | None, any_node: bool = False) -> dict:
+    """The info of node `node`'s running SMP (`None`: the job's only one here, or with `any_node` the first)."""
+    infos = _live_smps(job)
     found = [i for i in infos if node is None or i["node"] == node]
     if not found:
         raise NotRunning(f"{'job' if node is None else f'node {node} of job'} {job!r} has no running SMP on this "
                          f"machine (nodes here: {sorted(i['node'] for i in infos)})")
-    if len(found) > 1:
+    if len(found) > 1 and not any_node:
         raise ChaosError(f"job {job!r} has nodes {sorted(i['node'] for i in found)} here: pass --node")
     return found[0]
 
@@ -93,7 +98,7 @@ def _rank_process(job: str, rank: int) -> tuple[psutil.Process, int]:
     """(the live process registered as global `rank` with one of the job's SMPs here, its node). Under any
     launcher: the SMP knows its ranks' pids. The process must still say it is that rank (RANK in its environment,
     absent for a single process), so a recycled pid is never hit."""
-    for info in running_smps(job):
+    for info in _live_smps(job):
         entry = ((_status(info) or {}).get("ranks") or {}).get(str(rank))
         if entry is None or entry["closed"]:
             continue
@@ -138,7 +143,7 @@ def kill_node(job: str, nodes: list[int]) -> str:
 def _watched(job: str, args: argparse.Namespace) -> dict:
     """The SMP whose view of the job's committed step `--after-step` waits on: the target node's, or any."""
     if args.cmd == "kill-rank":
-        return running_smps(job)[0]
+        return _smp(job, None, any_node=True)
     return _smp(job, args.node[0] if args.cmd == "kill-node" else args.node)
 
 

@@ -53,7 +53,9 @@ def test_a_stale_info_file_whose_pid_was_reused_is_ignored(cluster, monkeypatch,
     (cluster.runtime / "stale.n0.json").write_text(json.dumps(
         {"pid": bystander.pid, "job": "stale", "node": 0, "control": "ipc:///nonexistent", "parent_pid": os.getpid()}))
     for argv, says in ((["kill-smp"], "job 'stale' has no running SMP on this machine (nodes here: [])"),
-                       (["kill-node", "--node", "0"], "node 0 of job 'stale' has no running SMP")):
+                       (["kill-node", "--node", "0"], "node 0 of job 'stale' has no running SMP"),
+                       (["kill-rank", "--rank", "0", "--after-step", "1", "--timeout", "0.5"],
+                        "job 'stale' has no running SMP")):
         code, out = run(capsys, *argv, "--job-id", "stale")
         assert code == 1 and says in out, out
     assert bystander.poll() is None, "ftmem-chaos signalled a process named by a stale info file"
