@@ -25,6 +25,7 @@ from ftmem.erasure import ErasureConfigError, check_config, default_group_size
 
 from ftmem.env import NodeEnv, default_job_id
 from ftmem.launcher.supervisor import SmpSupervisor
+from ftmem.launcher.watchdog import HangWatchdog
 from ftmem.log import get_logger
 
 log = get_logger("run")
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "one generated through the rendezvous store)")
     g.add_argument("--ftmem-timeout", type=float, default=float(_env_default("TIMEOUT", "300")),
                    help="seconds any ftmem wait may last before it fails with an error (default 300)")
+    g.add_argument("--ftmem-hang-timeout", type=float, default=float(_env_default("HANG_TIMEOUT", "0")),
+                   help="seconds without a completed snapshot on any rank of this node, once they run steadily, "
+                        "after which its workers are taken for hung and killed, so that they restart from memory "
+                        "(default 0: off; set it well above the time between two snapshots)")
     g.add_argument("--ftmem-keep", action="store_true", default=_env_default("KEEP", "0") == "1",
                    help="keep the job's snapshots in shared memory after a successful run")
     return parser
@@ -136,6 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     smp_args = ["--timeout", str(args.ftmem_timeout), *_cluster_args(args, max_nodes)]
     supervisor = SmpSupervisor(env, smp_args, timeout=args.ftmem_timeout)
     supervisor.start()
+    if args.ftmem_hang_timeout < 0:
+        raise SystemExit(f"ftmem-run: --ftmem-hang-timeout must be >= 0 (0: off), got {args.ftmem_hang_timeout}")
+    watchdog = HangWatchdog(env, args.ftmem_hang_timeout) if args.ftmem_hang_timeout > 0 else None
+    if watchdog is not None:
+        watchdog.start()
     code = 1
     try:
         run(args)
@@ -148,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "from them", env.job, env.node, signal.Signals(exc.sigval).name)
         code = 128 + exc.sigval
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         supervisor.stop(cleanup=code == 0 and not args.ftmem_keep)
     return code
 
