@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 import time
+from typing import Any, Callable
 
 import psutil
 
@@ -28,9 +29,35 @@ from ftmem.smp.protocol import ControlClient, SmpError, SmpUnavailable
 log = get_logger("run")
 
 
+class Heartbeat:
+    """The watchdog's judgement, apart from its I/O: fed the SMP's `ranks` status over time, it says when the
+    node's ranks look hung (once per hang: it disarms until they run steadily again)."""
+
+    def __init__(self, timeout: float, alive: Callable[[int], bool] = psutil.pid_exists) -> None:
+        self.timeout, self._alive = timeout, alive
+        self.ranks: dict[int, int] = {}      # rank -> pid of the ranks being watched
+        self._progress: object = None        # the newest step each had completed at the last change
+        self._since: float | None = None     # when that changed last; None: not armed
+
+    def hung(self, ranks: dict[str, dict[str, Any]], now: float) -> bool:
+        open_ = {int(r): v for r, v in ranks.items() if not v["closed"]}
+        pids = {r: v["pid"] for r, v in open_.items()}
+        progress = sorted((r, max(v["steps"], default=-1)) for r, v in open_.items())
+        if pids != self.ranks or not all(self._alive(pid) for pid in pids.values()):
+            self.ranks, self._progress, self._since = pids, progress, None  # new workers, or a death handled
+        elif progress != self._progress:
+            self._progress, self._since = progress, now if pids else None
+        elif self._since is not None and now - self._since > self.timeout:
+            self._since = None
+            return True
+        return False
+
+
 class HangWatchdog:
+    """Polls the node's SMP every `interval` and kills this process's workers when `Heartbeat` says so."""
+
     def __init__(self, env: NodeEnv, timeout: float) -> None:
-        self.env, self.timeout = env, timeout
+        self.env, self.heartbeat = env, Heartbeat(timeout)
         self.interval = min(1.0, timeout / 5)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ftmem-hang-watchdog", daemon=True)
@@ -44,34 +71,24 @@ class HangWatchdog:
 
     def _run(self) -> None:
         client = ControlClient(self.env.control_address, timeout=5.0, retry_interval=5.0)
-        ranks: dict[int, int] = {}            # rank -> pid of the ranks being watched
-        progress: object = None               # what the ranks had completed at the last change
-        since: float | None = None            # when it changed last; None: not armed
         try:
             while not self._stopping.wait(self.interval):
                 try:
                     status = client.call("status", timeout=5.0)
                 except (SmpUnavailable, SmpError):
                     continue  # the SMP restarts: its supervisor handles that
-                live = {int(r): v["pid"] for r, v in status["ranks"].items() if not v["closed"]}
-                now_progress = sorted((int(r), v["steps"][-1] if v["steps"] else -1)
-                                      for r, v in status["ranks"].items() if not v["closed"])
-                if live != ranks or not all(psutil.pid_exists(pid) for pid in live.values()):
-                    ranks, progress, since = live, now_progress, None  # new workers, or a death being handled
-                elif now_progress != progress:
-                    progress, since = now_progress, time.monotonic() if live else None
-                elif since is not None and time.monotonic() - since > self.timeout:
-                    self._fire(ranks, status["committed"])
-                    since = None
+                if self.heartbeat.hung(status["ranks"], time.monotonic()):
+                    self._kill_workers(status["committed"])
         finally:
             client.close()
 
-    def _fire(self, ranks: dict[int, int], committed: int | None) -> None:
+    def _kill_workers(self, committed: int | None) -> None:
+        ranks = self.heartbeat.ranks
         mine = {p.pid for p in psutil.Process(os.getpid()).children(recursive=True)}
         victims = sorted(pid for pid in ranks.values() if pid in mine)
         log.error("no rank of node %d (ranks %s) completed a snapshot for %.0fs: they look hung (a stuck collective, "
                   "a stopped process). Killing its workers %s so that they restart from the newest committed step "
-                  "(%s)", self.env.node, sorted(ranks), self.timeout, victims, committed)
+                  "(%s)", self.env.node, sorted(ranks), self.heartbeat.timeout, victims, committed)
         for pid in victims:
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -1,5 +1,5 @@
 """`ftmem-run`'s own options: a node's identity and a multi-node job's EC settings are checked before anything
-starts (no SMP, no shared memory), with an error that says what to pass."""
+starts (no SMP, no shared memory), with an error that says what to pass. And the hang watchdog's judgement."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 import ftmem.launcher.main as launcher
 from ftmem.launcher.main import _cluster_args, _node_id, build_parser
+from ftmem.launcher.watchdog import Heartbeat
 from torch.distributed.run import parse_min_max_nnodes
 
 C10D = ["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29999"]
@@ -66,3 +67,32 @@ def test_the_smps_meet_at_the_rendezvous_endpoint_torchrun_uses(endpoint, store)
                                       "--rdzv-endpoint", endpoint, "train.py"])
     smp_args = _cluster_args(args, 3)
     assert smp_args[smp_args.index("--store") + 1] == store
+
+
+def test_the_hang_watchdog_fires_once_per_hang_and_only_while_the_ranks_run_steadily():
+    alive = {10, 11}
+    beat = Heartbeat(5.0, alive=lambda pid: pid in alive)
+
+    def ranks(steps0, steps1, pids=(10, 11), closed=(False, False)):
+        return {str(r): {"pid": pid, "closed": c, "steps": steps}
+                for r, (pid, c, steps) in enumerate(zip(pids, closed, (steps0, steps1)))}
+
+    # start-up (imports, compilation, a restore): however long, before a snapshot completes nothing is judged
+    assert not any(beat.hung(ranks([], []), t) for t in range(60))
+    # steady run, then silence: hung once, after more than the timeout since the last completed snapshot
+    assert not beat.hung(ranks([0], []), 60) and not beat.hung(ranks([0], [0]), 61)
+    assert [beat.hung(ranks([0], [0]), 61 + d) for d in (1, 4, 5, 5.5, 6, 60)] == [False] * 3 + [True] + [False] * 2
+    # the agent restarts the workers (new pids) that restore older snapshots: not armed until a new one completes
+    alive.update({20, 21})
+    assert not any(beat.hung(ranks([0], [0], pids=(20, 21)), 200 + t) for t in range(30))
+    assert not beat.hung(ranks([0, 1], [0], pids=(20, 21)), 240)
+    assert beat.hung(ranks([0, 1], [0], pids=(20, 21)), 246)
+    # a rank that died is the agent's to handle: disarmed
+    alive.discard(21)
+    assert not beat.hung(ranks([0, 1, 2], [0], pids=(20, 21)), 300)
+    assert not any(beat.hung(ranks([0, 1, 2], [0], pids=(20, 21)), 300 + t) for t in range(30))
+    # ranks that finished (closed) are not watched
+    alive.update({30, 31})
+    assert not beat.hung(ranks([5], [5], pids=(30, 31)), 400) and not beat.hung(ranks([6], [6], pids=(30, 31)), 401)
+    done = ranks([6], [6], pids=(30, 31), closed=(True, True))
+    assert not any(beat.hung(done, 401 + t) for t in range(30))
