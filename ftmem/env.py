@@ -73,7 +73,8 @@ class NodeEnv:
 
 
 def running_smps(job: str | None = None) -> list[dict]:
-    """The info files (`NodeEnv.info_path`) of the SMPs running on this machine, of `job` or of every job."""
+    """The info files (`NodeEnv.info_path`) of the SMPs on this machine, of `job` or of every job. An SMP removes
+    its file when it stops; one killed with SIGKILL leaves it (and its pid may be reused since): check liveness."""
     infos = []
     for path in sorted(glob.glob(os.path.join(runtime_dir(), f"{job or '*'}.n*.json"))):
         try:
