@@ -7,9 +7,8 @@ seconds, the watchdog SIGKILLs the node's workers; the elastic agent then restar
 the rendezvous) and they restore the newest committed step. Each node watches its own ranks, so a hang anywhere
 ends everywhere within about `timeout`, since the other nodes' ranks block too.
 
-The watch is armed only between snapshots of a steady run: from a rank set's first completed snapshot on, until
-the ranks change (a restart, a rank that died and is handled by the agent already). Start-up, compilation and a
-restore never count. It runs in `ftmem-run`, the workers' parent, and kills only its own children.
+The watch is armed only once the workers run steadily (see `Heartbeat`): start-up, compilation and a restore never
+count. It runs in `ftmem-run`, the workers' parent, and kills only its own children.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from typing import Any, Callable
 
 import psutil
@@ -30,27 +28,25 @@ log = get_logger("run")
 
 
 class Heartbeat:
-    """The watchdog's judgement, apart from its I/O: fed the SMP's `ranks` status over time, it says when the
-    node's ranks look hung (once per hang: it disarms until they run steadily again)."""
+    """The watchdog's judgement, apart from its I/O: given the SMP's status of its ranks, are they hung?
+
+    They are once at least one of them committed a snapshot since its process registered (so start-up,
+    compilation and a restore never count), and none of them committed, or registered, for more than `timeout`
+    seconds. The SMP times both, so a hang is seen however soon it comes after the start. A rank that died is the
+    agent's to handle, and a set of workers is judged hung once: the next set is judged afresh."""
 
     def __init__(self, timeout: float, alive: Callable[[int], bool] = psutil.pid_exists) -> None:
         self.timeout, self._alive = timeout, alive
-        self.ranks: dict[int, int] = {}      # rank -> pid of the ranks being watched
-        self._progress: object = None        # the newest step each had completed at the last change
-        self._since: float | None = None     # when that changed last; None: not armed
+        self.ranks: dict[int, int] = {}  # rank -> pid of the workers judged hung last
 
-    def hung(self, ranks: dict[str, dict[str, Any]], now: float) -> bool:
-        open_ = {int(r): v for r, v in ranks.items() if not v["closed"]}
-        pids = {r: v["pid"] for r, v in open_.items()}
-        progress = sorted((r, max(v["steps"], default=-1)) for r, v in open_.items())
-        if pids != self.ranks or not all(self._alive(pid) for pid in pids.values()):
-            self.ranks, self._progress, self._since = pids, progress, None  # new workers, or a death handled
-        elif progress != self._progress:
-            self._progress, self._since = progress, now if pids else None
-        elif self._since is not None and now - self._since > self.timeout:
-            self._since = None
-            return True
-        return False
+    def hung(self, ranks: dict[str, dict[str, Any]]) -> bool:
+        running = [v for v in ranks.values() if not v["closed"]]
+        pids = {int(r): v["pid"] for r, v in ranks.items() if not v["closed"]}
+        if (not running or pids == self.ranks or not any(v["commits"] for v in running)
+                or min(v["idle_s"] for v in running) <= self.timeout or not all(map(self._alive, pids.values()))):
+            return False
+        self.ranks = pids
+        return True
 
 
 class HangWatchdog:
@@ -77,7 +73,7 @@ class HangWatchdog:
                     status = client.call("status", timeout=5.0)
                 except (SmpUnavailable, SmpError):
                     continue  # the SMP restarts: its supervisor handles that
-                if self.heartbeat.hung(status["ranks"], time.monotonic()):
+                if self.heartbeat.hung(status["ranks"]):
                     self._kill_workers(status["committed"])
         finally:
             client.close()

@@ -70,29 +70,28 @@ def test_the_smps_meet_at_the_rendezvous_endpoint_torchrun_uses(endpoint, store)
 
 
 def test_the_hang_watchdog_fires_once_per_hang_and_only_while_the_ranks_run_steadily():
-    alive = {10, 11}
+    alive = {10, 11, 20, 21}
     beat = Heartbeat(5.0, alive=lambda pid: pid in alive)
 
-    def ranks(steps0, steps1, pids=(10, 11), closed=(False, False)):
-        return {str(r): {"pid": pid, "closed": c, "steps": steps}
-                for r, (pid, c, steps) in enumerate(zip(pids, closed, (steps0, steps1)))}
+    def ranks(commits, idle, pids=(10, 11), closed=(False, False)):
+        """The SMP's status of ranks 0 and 1: snapshots each committed since it registered, seconds since it
+        last committed (or registered)."""
+        return {str(r): {"pid": p, "closed": c, "commits": n, "idle_s": i, "steps": []}
+                for r, (p, c, n, i) in enumerate(zip(pids, closed, commits, idle))}
 
-    # start-up (imports, compilation, a restore): however long, before a snapshot completes nothing is judged
-    assert not any(beat.hung(ranks([], []), t) for t in range(60))
-    # steady run, then silence: hung once, after more than the timeout since the last completed snapshot
-    assert not beat.hung(ranks([0], []), 60) and not beat.hung(ranks([0], [0]), 61)
-    assert [beat.hung(ranks([0], [0]), 61 + d) for d in (1, 4, 5, 5.5, 6, 60)] == [False] * 3 + [True] + [False] * 2
-    # the agent restarts the workers (new pids) that restore older snapshots: not armed until a new one completes
-    alive.update({20, 21})
-    assert not any(beat.hung(ranks([0], [0], pids=(20, 21)), 200 + t) for t in range(30))
-    assert not beat.hung(ranks([0, 1], [0], pids=(20, 21)), 240)
-    assert beat.hung(ranks([0, 1], [0], pids=(20, 21)), 246)
-    # a rank that died is the agent's to handle: disarmed
+    # start-up (imports, compilation, a restore): however long, before any snapshot nothing is judged
+    assert not beat.hung(ranks((0, 0), (600, 600)))
+    # running: some rank committed within the timeout
+    assert not beat.hung(ranks((9, 8), (0.1, 4.9))) and not beat.hung(ranks((9, 8), (5.0, 30)))
+    # a hang right after the first snapshot counts as much as one after many; a rank that never committed counts
+    # from its registration
+    assert beat.hung(ranks((1, 0), (5.5, 7.0)))
+    assert beat.ranks == {0: 10, 1: 11}
+    assert not beat.hung(ranks((1, 0), (60, 60))), "the same workers are judged hung once"
+    # the agent's new workers restore older snapshots: judged afresh, from their own first snapshot on
+    assert not beat.hung(ranks((0, 0), (60, 60), pids=(20, 21)))
+    assert beat.hung(ranks((3, 3), (6, 6), pids=(20, 21)))
+    # a rank that died is the agent's to handle; ranks that finished (closed) are not watched
     alive.discard(21)
-    assert not beat.hung(ranks([0, 1, 2], [0], pids=(20, 21)), 300)
-    assert not any(beat.hung(ranks([0, 1, 2], [0], pids=(20, 21)), 300 + t) for t in range(30))
-    # ranks that finished (closed) are not watched
-    alive.update({30, 31})
-    assert not beat.hung(ranks([5], [5], pids=(30, 31)), 400) and not beat.hung(ranks([6], [6], pids=(30, 31)), 401)
-    done = ranks([6], [6], pids=(30, 31), closed=(True, True))
-    assert not any(beat.hung(done, 401 + t) for t in range(30))
+    assert not beat.hung(ranks((3, 3), (60, 60), pids=(20, 22)))
+    assert not beat.hung(ranks((3, 3), (60, 60), pids=(30, 31), closed=(True, True)))

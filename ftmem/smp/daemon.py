@@ -13,7 +13,7 @@ import os
 import signal
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import psutil
@@ -49,6 +49,12 @@ class _RankInfo:
     pid: int
     local_rank: int
     closed: bool = False
+    commits: int = 0  # snapshots this registration (this process) committed
+    active: float = field(default_factory=time.monotonic)  # when it registered or last committed
+
+    def committed(self) -> None:
+        self.commits += 1
+        self.active = time.monotonic()
 
 
 class SnapshotDaemon:
@@ -225,7 +231,8 @@ class SnapshotDaemon:
     def _op_status(self, msg):
         return {"job": self.env.job, "node": self.env.node, "pid": os.getpid(), "epoch": self.tracker.epoch,
                 "committed": self.tracker.committed, "world": self.tracker.world, "shm_bytes": self.store.nbytes(),
-                "ranks": {str(r): {"pid": info.pid, "closed": info.closed,
+                "ranks": {str(r): {"pid": info.pid, "closed": info.closed, "commits": info.commits,
+                                   "idle_s": time.monotonic() - info.active,
                                    "steps": sorted(s for s, _ in self.store.of(r).complete())}
                           for r, info in sorted(self.ranks.items())},
                 **(self.cluster.status() if self.cluster else {})}
@@ -384,6 +391,8 @@ class SnapshotDaemon:
                                 desc_len=msg["desc_len"], chunk_size=msg["chunk_size"],
                                 crcs=list(struct.unpack(f"<{n}I", crcs))))
         self._update_complete(rank)
+        if rank in self.ranks:
+            self.ranks[rank].committed()
         crash_point("smp_after_local_commit", step)
         return {}
 
