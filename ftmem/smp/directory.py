@@ -3,10 +3,10 @@
 Each SMP publishes its peer endpoint under `ftmem/<job>/smp/<node>` and appends its node id to
 `ftmem/<job>/published`; the others poll that one short key and read the entries (in one request) only when it
 grew. Polling every entry instead would cost the store, which the rendezvous depends on, two requests per node
-per poll on every node: a million a second for 500 nodes. A replacement node publishes a new incarnation, which its
-peers pick up on the next poll. The same store carries the job's
-peer secret when the user gave none (generated once by whichever SMP comes first): that is exactly as trusted
-as the rendezvous itself; set FTMEM_SECRET (or --ftmem-secret-file) where the store network is not trusted.
+per poll on every node: a million a second for 500 nodes. A replacement node publishes a new incarnation, which
+its peers pick up on the next poll. The same store carries the job's peer secret when the user gave none
+(generated once by whichever SMP comes first): that is exactly as trusted as the rendezvous itself; set
+FTMEM_SECRET (or --ftmem-secret-file) where the store network is not trusted.
 """
 
 from __future__ import annotations
