@@ -100,9 +100,7 @@ def verify(data: NodeData, headers: dict[int, Header]) -> list[str]:
     """Problems found checking rebuilt payloads against their commit-time checksums (empty when all good)."""
     problems = []
     for part in data.parts:
-        header = headers[part.rank]
-        with memoryview(part.buffer.segment.buf) as mv:
-            bad = header.bad_chunks(mv[4096: 4096 + header.payload_len])
+        bad = headers[part.rank].bad_chunks_in(part.buffer.segment.buf)
         if bad:
             problems.append(f"rank {part.rank}: chunks {bad[:8]} fail their checksums")
     return problems

@@ -230,8 +230,7 @@ class BufferStore:
         if HEADER_SIZE + header.payload_len > segment.size:
             log.error("segment %s: payload longer than the segment; dropping it", segment.name)
             return Header(BufferState.EMPTY, rank=rank)
-        with memoryview(segment.buf) as mv:
-            bad = header.bad_chunks(mv[HEADER_SIZE: HEADER_SIZE + header.payload_len])
+        bad = header.bad_chunks_in(segment.buf)
         if bad:
             log.error("segment %s (rank %d step %d) fails its checksums in chunks %s; dropping it",
                       segment.name, rank, header.step, bad[:8])

@@ -34,8 +34,8 @@ from ftmem.smp.directory import Directory, StoreUnreachable
 from ftmem.smp.layout import HEADER_SIZE, BufferState, Header
 from ftmem.smp.nodedata import NodeData, Part
 from ftmem.smp.parity import ParityStore
-from ftmem.smp.peer import (MAX_PEER_BYTES, Links, PeerAuthError, PeerCodec, new_incarnation, secret_id,
-                            serving_node, tcp_address)
+from ftmem.smp.peer import (MAX_PEER_BYTES, Links, PeerAuthError, PeerCodec, new_incarnation, peer_socket,
+                            secret_id, serving_node, tcp_address)
 from ftmem.smp.process import Priority
 from ftmem.smp.protect import GroupMeta, encode_round
 from ftmem.smp.protocol import ProtocolError, loose_id
@@ -208,10 +208,7 @@ class Cluster:
     def _on_connected(self, secret: bytes) -> None:
         self.codec = PeerCodec(secret, self.d.env.job, self.node)
         self.links = Links(self.codec)
-        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.IPV6, ":" in self.cfg.peer_host)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_PEER_BYTES + 4096)
+        self.sock = peer_socket(zmq.ROUTER, ipv6=":" in self.cfg.peer_host)
         port = self.sock.bind_to_random_port(tcp_address(self.cfg.peer_host))
         endpoint = tcp_address(self.cfg.peer_host, port)
         self.directory.publish(endpoint, self.incarnation)
@@ -570,9 +567,8 @@ class Cluster:
             buf.segment.buf[HEADER_SIZE + off: HEADER_SIZE + off + len(data)] = data
 
         fetch_payload(link, rank, step, header.payload_len, write, self.d.timeout)
-        with memoryview(buf.segment.buf) as mv:
-            if header.bad_chunks(mv[HEADER_SIZE: HEADER_SIZE + header.payload_len]):
-                raise RuntimeError(f"rank {rank}'s step {step} fetched from node {source} fails its checksums")
+        if header.bad_chunks_in(buf.segment.buf):
+            raise RuntimeError(f"rank {rank}'s step {step} fetched from node {source} fails its checksums")
         return {"ev": "transferred", "rank": rank, "step": step, "header": header_bytes, "source": source}
 
     # ---- events from threads ---------------------------------------------------------------------------------

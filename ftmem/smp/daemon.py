@@ -384,7 +384,7 @@ class SnapshotDaemon:
         if len(crcs) % 4 or n > MAX_CHUNKS or msg["chunk_size"] <= 0:
             raise RequestError("commit: malformed checksum table")
         if n * msg["chunk_size"] < msg["payload_len"] or msg["desc_off"] + msg["desc_len"] > msg["payload_len"] \
-                or msg["payload_len"] + 4096 > buf.segment.size:
+                or HEADER_SIZE + msg["payload_len"] > buf.segment.size:
             raise RequestError("commit: payload, descriptor and checksums do not fit the buffer")
         buf.write_header(Header(BufferState.COMPLETE, rank=rank, world=self.tracker.world or 0, step=step,
                                 epoch=epoch, payload_len=msg["payload_len"], desc_off=msg["desc_off"],

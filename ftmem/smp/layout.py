@@ -104,6 +104,11 @@ class Header:
             return list(range(max(len(actual), len(self.crcs))))
         return [i for i, (a, b) in enumerate(zip(actual, self.crcs)) if a != b]
 
+    def bad_chunks_in(self, buffer) -> list[int]:
+        """`bad_chunks` of the payload stored after the header in `buffer` (a whole segment's bytes)."""
+        with memoryview(buffer) as mv:
+            return self.bad_chunks(mv[HEADER_SIZE: HEADER_SIZE + self.payload_len])
+
 
 @dataclass(frozen=True)
 class TensorEntry:

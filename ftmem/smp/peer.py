@@ -130,11 +130,8 @@ class PeerLink:
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
-            self._sock = zmq.Context.instance().socket(zmq.DEALER)
-            self._sock.setsockopt(zmq.LINGER, 0)
-            self._sock.setsockopt(zmq.IPV6, "[" in self.endpoint)  # see tcp_address
+            self._sock = peer_socket(zmq.DEALER, ipv6="[" in self.endpoint)  # see tcp_address
             self._sock.setsockopt(zmq.SNDHWM, 1000)
-            self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_PEER_BYTES + 4096)
             self._sock.connect(self.endpoint)
         return self._sock
 
@@ -222,6 +219,16 @@ def endpoint_host_port(endpoint: str) -> tuple[str, int]:
     rendezvous store's address."""
     host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def peer_socket(kind: int, ipv6: bool) -> zmq.Socket:
+    """A socket of the peer protocol: nothing lingers at close, and no frame beyond the protocol's limit is
+    taken in (zmq drops the connection instead of allocating it)."""
+    sock = zmq.Context.instance().socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IPV6, ipv6)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_PEER_BYTES + 4096)  # per frame; `PeerCodec.unpack` bounds the message
+    return sock
 
 
 def serving_node(codec: PeerCodec, endpoint: str, timeout: float) -> int | None:
