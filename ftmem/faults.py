@@ -1,20 +1,24 @@
-"""Deterministic crash points for fault drills: kill this process at an exact phase of the protocol.
+"""Deterministic faults for drills: kill this process, or slow it down, at an exact phase of the protocol.
 
-`FTMEM_CRASH_AT="point@step[@rank],..."` arms points (step `*`: the first time the point is reached); each
+`FTMEM_CRASH_AT="point@step[@rank],..."` arms crash points (step `*`: the first time the point is reached); each
 fires at most once per `FTMEM_CRASH_MARKER` path (a file created when it fires), so the restarted process runs on
-instead of crashing again. Unset, it costs one dictionary lookup. (From outside a job: `ftmem-chaos`.)
+instead of crashing again. `FTMEM_STALL_AT="point=seconds,..."` makes every pass through a point take that much
+longer: a phase that cannot keep up, such as the erasure coder of a busy node. Unset, each costs one dictionary
+lookup. (From outside a job: `ftmem-chaos`.)
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 POINTS = ("mid_copy", "before_local_commit", "after_local_commit", "smp_after_local_commit", "smp_mid_encode",
           "smp_serving_rebuild")
 
 
-def crash_point(point: str, step: int, rank: int | None = None) -> None:
+def fault_point(point: str, step: int, rank: int | None = None) -> None:
+    _stall(point)
     spec = os.environ.get("FTMEM_CRASH_AT")
     if not spec:
         return
@@ -31,3 +35,13 @@ def crash_point(point: str, step: int, rank: int | None = None) -> None:
             except FileExistsError:
                 return
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _stall(point: str) -> None:
+    spec = os.environ.get("FTMEM_STALL_AT")
+    if not spec:
+        return
+    for item in spec.split(","):
+        name, _, seconds = item.strip().partition("=")
+        if name == point:
+            time.sleep(float(seconds))

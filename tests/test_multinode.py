@@ -87,14 +87,16 @@ class Job:
                                     **{**self.env, **env})
         return self.procs[i]
 
-    def start_all(self) -> None:
-        self.start(0)
+    def start_all(self, node_env: dict[int, dict[str, str]] | None = None) -> None:
+        """Start every node (node 0 first), node i with the extra environment `node_env[i]` if given."""
+        node_env = node_env or {}
+        self.start(0, **node_env.get(0, {}))
         # node 0's agent hosts the rendezvous store; its SMP has published itself there once it logs this
         self.c.wait_until(lambda: "peer endpoint" in self.c.smp_log(0) or self.procs[0].poll() is not None, 90,
                           "node 0's SMP to publish its peer endpoint")
         assert self.procs[0].poll() is None, f"node 0 exited early\n{self.c.logs()}"
         for i in range(1, self.nnodes):
-            self.start(i)
+            self.start(i, **node_env.get(i, {}))
 
     def output(self) -> str:
         return "\n".join(self.c.output(p) for p, _ in self.c.procs if p in [*self.procs.values(), *self.killed])
@@ -228,6 +230,43 @@ def test_four_nodes_two_parity_lose_two_at_once(cluster, golden):
     kill_and_replace(cluster, golden, nnodes=4, victims=(2, 3), kill_at=k, script_args=DIM,  # (the golden run
                      extra_args=["--ftmem-ec-group", "4", "--ftmem-ec-parity", "2"])  # of the test above)
     assert "EC group [0, 1, 2, 3] with 2 parity" in cluster.smp_log(0)
+
+
+def test_a_node_of_a_lagging_group_is_rebuilt_at_the_step_every_group_protected(cluster, golden):
+    """A step is protected once every EC group's parity is in place, and every node keeps that step, so a node
+    lost from any group is rebuilt at a step all ranks still hold. Here 4 nodes form 2 groups of 2 (f=1: each
+    node's data is mirrored on its partner) and the erasure coder of group [0, 1] is slow (FTMEM_STALL_AT: each
+    of its rounds takes ~1.5 s more, several steps), so protection lags training by several steps. Node 0 is lost
+    then. Had each group protected steps on its own, group [2, 3] would have protected (and kept) newer steps
+    than the only one node 0 can be rebuilt at, and no step would be restorable on every rank."""
+    expected = golden(4, *DIM)
+    job = Job(cluster, 4, ["--max-restarts", "3", "--ftmem-ec-group", "2"], DIM, FTMEM_TIMEOUT=TIMEOUT)
+    slow = {"FTMEM_STALL_AT": "smp_mid_encode=1.5"}
+    job.start_all(node_env={0: slow, 1: slow})
+    node2 = cluster.client(2, retry_interval=2.0)
+    lagging: list[dict] = []
+
+    def protection_lags() -> bool:
+        st = node2.call("status")
+        if st["protected"] is not None and st["committed"] - st["protected"] >= 4:
+            lagging.append(st)
+        return bool(lagging)
+
+    cluster.wait_until(protection_lags, 120, "protection to lag training by 4 steps", interval=0.1)
+    protected, committed = lagging[0]["protected"], lagging[0]["committed"]
+    print(f"node 2: committed {committed}, protected {protected}; killing node 0")
+    job.kill(0, now=True)
+    job.start(0, name="node0-replacement")
+    codes = job.finish()
+    assert codes == {i: 0 for i in range(4)}, f"exit codes {codes}\n{cluster.logs()}"
+    assert job.final_hashes() == [expected], cluster.logs()
+    assert "EC group [0, 1] with 1 parity" in cluster.smp_log(1), cluster.smp_log(1)
+    assert "EC group [2, 3] with 1 parity" in cluster.smp_log(2), cluster.smp_log(2)
+    rest = restored(job.output())
+    steps = {s for _, s, _ in rest}
+    assert len(steps) == 1 and protected <= steps.pop() <= committed, \
+        f"every rank restores the step protected when node 0 died: {rest}\n{cluster.logs()}"
+    assert re.search(r"rebuilt node 0's snapshot of step", cluster.smp_log(0)), cluster.logs()
 
 
 def test_node_0_is_lost_and_rebuilt_with_both_its_ranks_when_the_store_is_served_apart(cluster, golden):

@@ -26,7 +26,7 @@ import msgpack
 import zmq
 
 from ftmem.erasure import check_config, group_members
-from ftmem.faults import crash_point
+from ftmem.faults import fault_point
 from ftmem.log import Throttled, get_logger
 from ftmem.recovery.rebuild import RebuildError, fetch_payload, newest_protected, rebuild_node, verify
 from ftmem.smp.buffers import Buffer
@@ -739,7 +739,7 @@ class Cluster:
     def _read_parity(self, msg) -> list[bytes]:
         if self.meta is None or self.meta.step != msg["step"]:
             raise LookupError(f"no parity of step {msg['step']} (protected: {self.protected})")
-        crash_point("smp_serving_rebuild", msg["step"])  # parity is read only to rebuild a node
+        fault_point("smp_serving_rebuild", msg["step"])  # parity is read only to rebuild a node
         chunk = self.meta.chunk
         return [self.parity.read(msg["step"], off, length)
                 for off, length in _checked_ranges([[slot * chunk, chunk] for slot in _checked_ints(msg["slots"])])]

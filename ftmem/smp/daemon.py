@@ -20,7 +20,7 @@ import psutil
 import zmq
 
 from ftmem.env import NodeEnv
-from ftmem.faults import crash_point
+from ftmem.faults import fault_point
 from ftmem.log import get_logger
 from ftmem.smp.buffers import Buffer, BufferStore
 from ftmem.smp.cluster import Cluster, ClusterConfig
@@ -393,7 +393,7 @@ class SnapshotDaemon:
         self._update_complete(rank)
         if rank in self.ranks:
             self.ranks[rank].committed()
-        crash_point("smp_after_local_commit", step)
+        fault_point("smp_after_local_commit", step)
         return {}
 
     def _op_close(self, msg):

@@ -15,7 +15,7 @@ from typing import Callable, Sequence, TypeVar
 
 import msgpack
 
-from ftmem.faults import crash_point
+from ftmem.faults import fault_point
 from ftmem.erasure import StripeLayout, choose_chunk_size, encode_parity, pad
 from ftmem.smp.parity import ParityStore
 from ftmem.smp.peer import PeerLink
@@ -143,7 +143,7 @@ def encode_round(step: int, node: int, members: tuple[int, ...], f: int,
             blocks = [pad(chunks[(t, d)], layout.chunk_size) for d in layout.data_members(t)]
             (block,) = encode_parity(k, n, blocks, [layout.parity_index(t, me)])
             parity.write(seg, layout.parity_slot(t, me) * layout.chunk_size, block)
-        crash_point("smp_mid_encode", step)
+        fault_point("smp_mid_encode", step)
 
     pipelined([stripes[i: i + per_batch] for i in range(0, len(stripes), per_batch)], request, gather, code)
     return meta

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ftmem.faults import crash_point
+from ftmem.faults import fault_point
 from ftmem.smp.layout import HEADER_SIZE, chunk_crcs, chunk_size_for
 from ftmem.smp.protocol import ControlClient
 from ftmem.smp.shm import Segment
@@ -162,11 +162,11 @@ class CopyEngine:
         payload[job.desc_off: job.payload_len].copy_(torch.frombuffer(bytearray(job.descriptor), dtype=torch.uint8))
         chunk = chunk_size_for(job.payload_len)
         crcs = chunk_crcs(memoryview(payload.numpy())[: job.payload_len], chunk)
-        crash_point("before_local_commit", job.step, self._rank)
+        fault_point("before_local_commit", job.step, self._rank)
         self._client.call("commit", rank=self._rank, step=job.step, epoch=job.epoch,
                           payload_len=job.payload_len, desc_off=job.desc_off, desc_len=len(job.descriptor),
                           chunk_size=chunk, crcs=struct.pack(f"<{len(crcs)}I", *crcs))
-        crash_point("after_local_commit", job.step, self._rank)
+        fault_point("after_local_commit", job.step, self._rank)
 
     @torch.no_grad()
     def _copy_tensors(self, job: SnapshotJob, dsts: list[torch.Tensor]) -> None:
@@ -174,7 +174,7 @@ class CopyEngine:
         if self._stream is None:
             half = len(srcs) // 2  # one fused call per half: no per-tensor Python overhead, GIL released
             torch._foreach_copy_(dsts[:half], srcs[:half])
-            crash_point("mid_copy", job.step, self._rank)
+            fault_point("mid_copy", job.step, self._rank)
             torch._foreach_copy_(dsts[half:], srcs[half:])
             job.released.set()
             return
