@@ -727,7 +727,7 @@ def test_a_stalled_smp_does_not_take_its_live_peers_for_gone(peers):
     for gone, it would fail EC rounds for nothing and move the leader.) Its peer, meanwhile, rightly missed it:
     with a step committed and protected (a fake rank on each node), it says once that no step can be protected
     without node 0 (as for a node lost and not replaced, or one that never joined an elastic job running below
-    --nnodes' maximum), and that the group is whole again when node 0 is back."""
+    --nnodes' maximum), and that the job is whole again when node 0 is back."""
     from test_smp_protocol import payload_for, write_snapshot
 
     c, (_, smp0) = peers.c, peers.live()
@@ -742,8 +742,8 @@ def test_a_stalled_smp_does_not_take_its_live_peers_for_gone(peers):
     answer: dict = {}
     asking = threading.Thread(target=lambda: answer.update(client.call("status")), daemon=True)
     seen_by_1 = len(c.output(peers.smp1))
-    warning = ("EC group [0, 1]: node(s) [0] not reachable (never joined, or lost and not replaced); committed steps "
-               "stay unprotected until they are back (newest protected: 0)")
+    warning = ("node(s) [0] not reachable (never joined, or lost and not replaced); no newer step is protected "
+               "until they are back (newest protected: 0)")
     smp0.send_signal(signal.SIGSTOP)
     try:
         time.sleep(PEER_TIMEOUT_S + 2)  # node 1 heartbeats all along
@@ -755,7 +755,7 @@ def test_a_stalled_smp_does_not_take_its_live_peers_for_gone(peers):
     asking.join(60)
     print(f"node 0's view of its peers on waking: {answer.get('peers')}")
     assert answer["peers"]["1"]["alive"], f"node 0 took node 1 for gone after its own stall\n{c.logs()}"
-    c.wait_until(lambda: "EC group [0, 1] is whole again" in c.output(peers.smp1)[seen_by_1:], 30,
+    c.wait_until(lambda: "every node of the job is reachable again" in c.output(peers.smp1)[seen_by_1:], 30,
                  "node 1 to see node 0 back")
     assert c.output(peers.smp1)[seen_by_1:].count(warning) == 1, c.logs()
 

@@ -939,8 +939,8 @@ def test_lead_schedule_retries_a_failed_step_with_backoff_but_never_delays_a_new
     assert delays[:3] == [2 * RETRY_S, 4 * RETRY_S, 8 * RETRY_S] and delays[-1] == RETRY_MAX_S
     s.started(6)
     assert s.finished(True, 0.0) is None and s.failures == 0
-    s.member_restarted()
-    assert s.due(6, 0.0), "a member lost its parity: the newest step is protected again"
+    s.node_restarted()
+    assert s.due(6, 0.0), "a node lost its parity: the newest step is protected again"
 
 
 # ------------------------------------------------------------------------------------------ parity re-adoption

@@ -5,9 +5,12 @@ moved rank's payload), which run on one worker thread with its own peer links an
 
 - **Reports.** Each SMP tells every peer which (step, epoch) each of its ranks holds, on every change and once a
   second; the union drives the global commit and tells where a rank's snapshot lives.
-- **Rounds.** The lowest-numbered live member of each EC group starts a round for the newest committed step
-  (never a queue: a lagging encoder skips to the newest), every member computes its parity blocks, and the step
-  is *protected* when all members succeeded. With four buffers per rank (the default with erasure coding) the
+- **Rounds.** The lowest-numbered live node of the job starts a round for the newest committed step (never a
+  queue: a lagging encoder skips to the newest), every node computes its parity blocks for its EC group, and the
+  step is *protected* when all nodes succeeded: every group's parity is in place. Rounds span the job, not a
+  group, so that every node keeps the same protected step: a node lost from any group is rebuilt at a step that
+  all ranks still hold (groups protecting steps on their own, a lagging group's would be gone elsewhere). With
+  four buffers per rank (the default with erasure coding) the
   round's step is pinned for the round, which leaves two for double buffering; with fewer it is only softly
   kept: a rank needing the buffer takes it and the round fails. Either way encoding never blocks training.
 - **Rebuild.** A node that starts with nothing asks its group for the newest protected step and rebuilds its
@@ -88,7 +91,7 @@ class _Round:
 
     step: int
     deadline: float
-    incarnations: dict[int, str]  # of the members when it started: a member that restarts fails the round
+    incarnations: dict[int, str]  # of the nodes when it started: a node that restarts fails the round
     done: set[int] = field(default_factory=set)
 
 
@@ -104,9 +107,9 @@ class _MemberRound:
 
 
 class LeadSchedule:
-    """Which committed step the group leader protects next, and when: the newest, at once when it is newer than
+    """Which committed step the round leader protects next, and when: the newest, at once when it is newer than
     the last one led; the same again after a failure, after a backoff doubling from RETRY_S while rounds keep
-    failing. Without the retry a transient failure (a member restarting, slow to report) would leave the group
+    failing. Without the retry a transient failure (a node restarting, slow to report) would leave the job
     unprotected for as long as training stalls and commits nothing new."""
 
     def __init__(self) -> None:
@@ -127,8 +130,8 @@ class LeadSchedule:
         self.retry_at = None if ok else now + min(RETRY_MAX_S, RETRY_S * 2 ** (self.failures - 1))
         return None if ok else self.retry_at - now
 
-    def member_restarted(self) -> None:
-        """A member lost its parity: protect the newest committed step again, even one already led."""
+    def node_restarted(self) -> None:
+        """A node lost its parity: protect the newest committed step again, even one already led."""
         self.last_led = -1
 
 
@@ -139,6 +142,7 @@ class Cluster:
         self.cfg = config
         self.node = daemon.env.node
         self.members = group_members(self.node, config.ec_group)
+        self.nodes = tuple(range(config.nnodes))  # every node takes part in every round (see the module doc)
         self.parity = ParityStore(daemon.env.segment_prefix)
         self.directory = Directory(config.store, daemon.env.job, self.node, config.nnodes, daemon.timeout)
         self.incarnation = new_incarnation()
@@ -162,7 +166,7 @@ class Cluster:
         self.stats: dict[str, Any] = {"rounds_ok": 0, "rounds_failed": 0, "last_round_s": None,
                                       "last_round_step": None, "last_round_bytes": 0, "rebuild_s": None, "lag_steps": 0}
         self._next_heartbeat = 0.0
-        self._absent_warned = False  # that the group lacks members (see `_note_absent`)
+        self._absent_warned = False  # that the job lacks nodes (see `_note_absent`)
         self._forged = Throttled(log, "peer messages rejected as not authentic")
         self._rebuild_started = 0.0
         self.clock = 0.0  # seconds this SMP has been listening to its peers (see `alive`)
@@ -294,8 +298,7 @@ class Cluster:
             if peer is None or peer.incarnation != incarnation:
                 if peer is not None:
                     log.info("node %d restarted (new incarnation); reconnecting", node)
-                    if node in self.members:  # its parity is gone: protect the newest step again, even if led
-                        self.schedule.member_restarted()
+                    self.schedule.node_restarted()  # its parity is gone: protect the newest step again
                 self.peers[node] = _Peer(endpoint, incarnation, discovered=self.clock)
                 self.d.tracker.set_source(node, {})
                 new.append(node)
@@ -392,7 +395,7 @@ class Cluster:
         return self.member_round is None or self.member_round.step != step or self.member_round.aborted
 
     def _leader(self) -> int:
-        return min(m for m in self.members if self.alive(m))
+        return min(m for m in self.nodes if self.alive(m))
 
     def _lead(self, now: float) -> None:
         mr = self.member_round
@@ -407,39 +410,39 @@ class Cluster:
                        if not self.alive(m) or (m != self.node and self.peers[m].incarnation != inc)]
             if changed or now > self.leading.deadline:
                 log.warning("EC round of step %d failed: %s", self.leading.step,
-                            f"members {changed} lost" if changed else "timed out")
+                            f"nodes {changed} lost" if changed else "timed out")
                 self._finish_round(False)
             return
         committed = self.d.tracker.committed
         if self.rebuilding or not self.schedule.due(committed, now) or not self.d.tracker.held_by_all(committed):
             return  # (not held by all: a node died with its ranks' copies; the restore will restart the job)
-        if not all(self.alive(m) for m in self.members) or any(self.peers[m].rebuilding for m in self.members
-                                                                if m != self.node):
-            return  # a member being rebuilt could not take part; once rebuilt it reports, and the round starts
+        if not all(self.alive(m) for m in self.nodes) or any(self.peers[m].rebuilding for m in self.nodes
+                                                              if m != self.node):
+            return  # a node being rebuilt could not take part; once rebuilt it reports, and the round starts
         self.leading = _Round(committed, now + self.d.timeout,
                               {m: self.incarnation if m == self.node else self.peers[m].incarnation
-                               for m in self.members})
+                               for m in self.nodes})
         self.schedule.started(committed)
-        for m in self.members:
+        for m in self.nodes:
             self._send(m, "ec_start", step=committed)
 
     def _note_absent(self) -> None:
-        """Say so (every member, in its own log) while the group lacks members and has a committed step to protect:
-        a node lost and not yet replaced, or one that never joined (an elastic job running below --nnodes'
+        """Say so (every node, in its own log) while the job lacks nodes and has a committed step to protect: a
+        node lost and not yet replaced, or one that never joined (an elastic job running below --nnodes'
         maximum). No step is protected meanwhile. Not for a peer that has just been discovered and not reported
         yet, nor in this SMP's first PEER_TIMEOUT_S (a restarted SMP has steps before it has heard its peers)."""
-        gone = [m for m in self.members if not self.alive(m)]
+        gone = [m for m in self.nodes if not self.alive(m)]
         if not gone:
             if self._absent_warned:
-                log.info("EC group %s is whole again", list(self.members))
+                log.info("every node of the job is reachable again")
                 self._absent_warned = False
             return
         absent = [m for m in gone if not (m in self.peers and self.peers[m].awaiting_first_report(self.clock))]
         if absent and not self._absent_warned and self.d.tracker.committed is not None \
                 and self.clock >= PEER_TIMEOUT_S:
-            log.warning("EC group %s: node(s) %s not reachable (never joined, or lost and not replaced); committed "
-                        "steps stay unprotected until they are back (newest protected: %s)", list(self.members),
-                        absent, "none" if self.protected is None else self.protected)
+            log.warning("node(s) %s not reachable (never joined, or lost and not replaced); no newer step is "
+                        "protected until they are back (newest protected: %s)", absent,
+                        "none" if self.protected is None else self.protected)
             self._absent_warned = True
 
     def _finish_round(self, ok: bool) -> None:
@@ -448,7 +451,7 @@ class Cluster:
         delay = self.schedule.finished(ok, time.monotonic())
         if delay is not None:
             log.info("EC round of step %d failed; unless a newer step commits, it is led again in %.0fs", step, delay)
-        for m in self.members:
+        for m in self.nodes:
             self._send(m, "ec_result", step=step, ok=ok)
 
     def _on_ec_start(self, step: int, leader: int) -> None:
@@ -476,7 +479,7 @@ class Cluster:
             self._finish_round(False)
             return
         self.leading.done.add(msg["from"])
-        if self.leading.done >= set(self.members):
+        if self.leading.done >= set(self.nodes):
             self._finish_round(True)
 
     def _on_ec_result(self, step: int, ok: bool) -> None:
