@@ -236,27 +236,28 @@ def test_a_node_of_a_lagging_group_is_rebuilt_at_the_step_every_group_protected(
     """A step is protected once every EC group's parity is in place, and every node keeps that step, so a node
     lost from any group is rebuilt at a step all ranks still hold. Here 4 nodes form 2 groups of 2 (f=1: each
     node's data is mirrored on its partner) and the erasure coder of group [0, 1] is slow (FTMEM_STALL_AT: each
-    of its rounds takes ~1.5 s more, several steps), so protection lags training by several steps. Node 0 is lost
+    of its rounds takes ~1.5 s more, several steps), so protection lags training by several steps. Node 1 is lost
     then. Had each group protected steps on its own, group [2, 3] would have protected (and kept) newer steps
-    than the only one node 0 can be rebuilt at, and no step would be restorable on every rank."""
+    than the only one node 1 can be rebuilt at, and no step would be restorable on every rank."""
     expected = golden(4, *DIM)
     job = Job(cluster, 4, ["--max-restarts", "3", "--ftmem-ec-group", "2"], DIM, FTMEM_TIMEOUT=TIMEOUT)
     slow = {"FTMEM_STALL_AT": "smp_mid_encode=1.5"}
     job.start_all(node_env={0: slow, 1: slow})
-    node2 = cluster.client(2, retry_interval=2.0)
+    job.wait_for_step(3)
+    node1 = cluster.client(1, timeout=30.0, retry_interval=5.0)
     lagging: list[dict] = []
 
     def protection_lags() -> bool:
-        st = node2.call("status")
+        st = node1.call("status")
         if st["protected"] is not None and st["committed"] - st["protected"] >= 4:
             lagging.append(st)
         return bool(lagging)
 
     cluster.wait_until(protection_lags, 120, "protection to lag training by 4 steps", interval=0.1)
     protected, committed = lagging[0]["protected"], lagging[0]["committed"]
-    print(f"node 2: committed {committed}, protected {protected}; killing node 0")
-    job.kill(0, now=True)
-    job.start(0, name="node0-replacement")
+    print(f"node 1: committed {committed}, protected {protected}; killing it")
+    job.kill(1, now=True)
+    job.start(1, name="node1-replacement")
     codes = job.finish()
     assert codes == {i: 0 for i in range(4)}, f"exit codes {codes}\n{cluster.logs()}"
     assert job.final_hashes() == [expected], cluster.logs()
@@ -265,8 +266,8 @@ def test_a_node_of_a_lagging_group_is_rebuilt_at_the_step_every_group_protected(
     rest = restored(job.output())
     steps = {s for _, s, _ in rest}
     assert len(steps) == 1 and protected <= steps.pop() <= committed, \
-        f"every rank restores the step protected when node 0 died: {rest}\n{cluster.logs()}"
-    assert re.search(r"rebuilt node 0's snapshot of step", cluster.smp_log(0)), cluster.logs()
+        f"every rank restores the step protected when node 1 died: {rest}\n{cluster.logs()}"
+    assert re.search(r"rebuilt node 1's snapshot of step", cluster.smp_log(1)), cluster.logs()
 
 
 def test_node_0_is_lost_and_rebuilt_with_both_its_ranks_when_the_store_is_served_apart(cluster, golden):
