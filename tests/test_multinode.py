@@ -232,13 +232,14 @@ def test_four_nodes_two_parity_lose_two_at_once(cluster, golden):
     assert "EC group [0, 1, 2, 3] with 2 parity" in cluster.smp_log(0)
 
 
-def test_a_node_of_a_lagging_group_is_rebuilt_at_the_step_every_group_protected(cluster, golden):
-    """A step is protected once every EC group's parity is in place, and every node keeps that step, so a node
-    lost from any group is rebuilt at a step all ranks still hold. Here 4 nodes form 2 groups of 2 (f=1: each
+def test_a_lagging_group_and_another_each_lose_a_node_and_rebuild_at_the_step_every_group_protected(cluster, golden):
+    """A step is protected once every EC group's parity is in place, and every node keeps that step, so nodes
+    lost from any groups are rebuilt at a step all ranks still hold. Here 4 nodes form 2 groups of 2 (f=1: each
     node's data is mirrored on its partner) and the erasure coder of group [0, 1] is slow (FTMEM_STALL_AT: each
-    of its rounds takes ~1.5 s more, several steps), so protection lags training by several steps. Node 1 is lost
-    then. Had each group protected steps on its own, group [2, 3] would have protected (and kept) newer steps
-    than the only one node 1 can be rebuilt at, and no step would be restorable on every rank."""
+    of its rounds takes ~1.5 s more, several steps), so protection lags training by several steps. Then nodes 1
+    and 3 are lost at once, one per group. Had each group protected steps on its own, group [2, 3] would have
+    protected (and kept) newer steps than the only one node 1 can be rebuilt at, and no step would be
+    restorable on every rank."""
     expected = golden(4, *DIM)
     job = Job(cluster, 4, ["--max-restarts", "3", "--ftmem-ec-group", "2"], DIM, FTMEM_TIMEOUT=TIMEOUT)
     slow = {"FTMEM_STALL_AT": "smp_mid_encode=1.5"}
@@ -255,19 +256,21 @@ def test_a_node_of_a_lagging_group_is_rebuilt_at_the_step_every_group_protected(
 
     cluster.wait_until(protection_lags, 120, "protection to lag training by 4 steps", interval=0.1)
     protected, committed = lagging[0]["protected"], lagging[0]["committed"]
-    print(f"node 1: committed {committed}, protected {protected}; killing it")
-    job.kill(1, now=True)
-    job.start(1, name="node1-replacement")
+    print(f"node 1: committed {committed}, protected {protected}; killing nodes 1 and 3")
+    job.kill(1, 3, now=True)
+    for i in (1, 3):
+        job.start(i, name=f"node{i}-replacement")
     codes = job.finish()
     assert codes == {i: 0 for i in range(4)}, f"exit codes {codes}\n{cluster.logs()}"
     assert job.final_hashes() == [expected], cluster.logs()
-    assert "EC group [0, 1] with 1 parity" in cluster.smp_log(1), cluster.smp_log(1)
+    assert "EC group [0, 1] with 1 parity" in cluster.smp_log(0), cluster.smp_log(0)
     assert "EC group [2, 3] with 1 parity" in cluster.smp_log(2), cluster.smp_log(2)
     rest = restored(job.output())
     steps = {s for _, s, _ in rest}
     assert len(steps) == 1 and protected <= steps.pop() <= committed, \
-        f"every rank restores the step protected when node 1 died: {rest}\n{cluster.logs()}"
-    assert re.search(r"rebuilt node 1's snapshot of step", cluster.smp_log(1)), cluster.logs()
+        f"every rank restores the step protected when the nodes died: {rest}\n{cluster.logs()}"
+    for i in (1, 3):
+        assert f"rebuilt node {i}'s snapshot of step" in cluster.smp_log(i), cluster.logs()
 
 
 def test_node_0_is_lost_and_rebuilt_with_both_its_ranks_when_the_store_is_served_apart(cluster, golden):
