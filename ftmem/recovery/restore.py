@@ -101,11 +101,13 @@ def _agree(local: tuple[int, list[list[int]], int] | str, world: int,
     if not common and any(lists):
         empty = [r for r, snaps in enumerate(lists) if not snaps]
         newest = max(s for snaps in lists for s, _ in snaps)
+        what = (f"{len(empty)} rank(s) hold none ({empty[:16]}{' ...' if len(empty) > 16 else ''})" if empty else
+                "the ranks hold no step in common")
         why = (f"This node's SMP could not rebuild its snapshot: {lost.rstrip('.')}." if lost else
                "More failures than the erasure code tolerates, or stale memory of another run with this job id "
                "('ftmem clean').")
-        raise RestoreError(f"ftmem: no snapshot is restorable on every rank: rank(s) {empty or 'all'} lost theirs "
-                           f"(others hold up to step {newest}). {why} Refusing to restart from scratch silently.")
+        raise RestoreError(f"ftmem: no snapshot is restorable on every rank: {what}, the newest any holds is step "
+                           f"{newest}. {why} Refusing to restart from scratch silently.")
     best = max(common) if common else None
     return best, max(int(x[0]) for x in rows) + 1
 
