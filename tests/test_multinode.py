@@ -236,13 +236,13 @@ def test_a_lagging_group_and_another_each_lose_a_node_and_rebuild_at_the_step_ev
     """A step is protected once every EC group's parity is in place, and every node keeps that step, so nodes
     lost from any groups are rebuilt at a step all ranks still hold. Here 4 nodes form 2 groups of 2 (f=1: each
     node's data is mirrored on its partner) and the erasure coder of group [0, 1] is slow (FTMEM_STALL_AT: each
-    of its rounds takes 3 s more, several steps), so protection lags training by several steps. Then nodes 1
+    of its rounds takes 1.5 s more, several steps), so protection lags training by several steps. Then nodes 1
     and 3 are lost at once, one per group. Had each group protected steps on its own, group [2, 3] would have
     protected (and kept) newer steps than the only one node 1 can be rebuilt at, and no step would be
     restorable on every rank."""
     expected = golden(4, *DIM)
     job = Job(cluster, 4, ["--max-restarts", "3", "--ftmem-ec-group", "2"], DIM, FTMEM_TIMEOUT=TIMEOUT)
-    slow = {"FTMEM_STALL_AT": "smp_mid_encode=3"}
+    slow = {"FTMEM_STALL_AT": "smp_mid_encode=1.5"}
     job.start_all(node_env={0: slow, 1: slow})
     job.wait_for_step(3)
     node1 = cluster.client(1, timeout=30.0, retry_interval=5.0)
