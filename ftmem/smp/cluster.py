@@ -10,9 +10,9 @@ moved rank's payload), which run on one worker thread with its own peer links an
   step is *protected* when all nodes succeeded: every group's parity is in place. Rounds span the job, not a
   group, so that every node keeps the same protected step: a node lost from any group is rebuilt at a step that
   all ranks still hold (groups protecting steps on their own, a lagging group's would be gone elsewhere). With
-  four buffers per rank (the default with erasure coding) the
-  round's step is pinned for the round, which leaves two for double buffering; with fewer it is only softly
-  kept: a rank needing the buffer takes it and the round fails. Either way encoding never blocks training.
+  four buffers per rank (the default with erasure coding) the round's step is pinned for the round, which
+  leaves two for double buffering; with fewer it is only softly kept: a rank needing the buffer takes it and
+  the round fails. Either way encoding never blocks training.
 - **Rebuild.** A node that starts with nothing asks its group for the newest protected step and rebuilds its
   data and parity before its ranks may restore.
 """
