@@ -980,3 +980,24 @@ def test_a_restarted_smp_takes_over_the_protected_parity_and_nothing_else():
         for name in shm.list_segments(prefix):
             shm.unlink(name)
     assert shm.list_segments(prefix) == []
+
+
+# ------------------------------------------------------------------------------------------------ fault drills
+
+
+def test_a_stall_point_sleeps_at_its_point_only(monkeypatch):
+    """FTMEM_STALL_AT slows every pass through the named points down (by sleeping), and nothing else."""
+    from ftmem import faults
+
+    slept: list[float] = []
+    monkeypatch.setattr(faults.time, "sleep", slept.append)
+    monkeypatch.delenv("FTMEM_CRASH_AT", raising=False)
+    monkeypatch.setenv("FTMEM_STALL_AT", "smp_mid_encode=1.5, mid_copy=0.25")
+    for step in (3, 4):
+        faults.fault_point("smp_mid_encode", step)
+    faults.fault_point("mid_copy", 7, rank=1)
+    faults.fault_point("before_local_commit", 7, rank=1)
+    assert slept == [1.5, 1.5, 0.25]
+    monkeypatch.delenv("FTMEM_STALL_AT")
+    faults.fault_point("smp_mid_encode", 5)
+    assert slept == [1.5, 1.5, 0.25]
