@@ -1,6 +1,6 @@
 """`ftmem`: inspect and tidy the SMPs of running jobs on this machine, and host a job's rendezvous store.
 
-    ftmem status [--job-id J]     committed steps, memory and ranks of each SMP
+    ftmem status [--job-id J]     committed and protected step (and the lag), memory and ranks of each SMP
     ftmem clean --job-id J        remove a job's shared memory (when no SMP of it is running)
     ftmem store [--port P]        serve a job's rendezvous store from a host that is not a training node
 """
@@ -24,12 +24,17 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _dash(value: int | None) -> int | str:
+    return "-" if value is None else value
+
+
 def status(job: str | None) -> int:
     infos = running_smps(job)
     if not infos:
         print(f"no running SMP{' for job ' + job if job else ''} on this machine")
         return 1
-    print(f"{'job':<20} {'node':>4} {'pid':>7} {'committed':>9} {'protected':>9} {'memory':>10}  ranks (steps held)")
+    print(f"{'job':<20} {'node':>4} {'pid':>7} {'committed':>9} {'protected':>9} {'lag':>4} {'memory':>10}  "
+          f"ranks (steps held)")
     for info in infos:
         client = ControlClient(info["control"], timeout=5.0, retry_interval=5.0)
         try:
@@ -40,9 +45,9 @@ def status(job: str | None) -> int:
         finally:
             client.close()
         ranks = " ".join(f"{r}:{v['steps']}" for r, v in st["ranks"].items()) or "-"
-        committed = "-" if st["committed"] is None else st["committed"]
-        protected = "-" if st.get("protected") is None else st["protected"]
-        print(f"{st['job']:<20} {st['node']:>4} {st['pid']:>7} {committed:>9} {protected:>9} "
+        committed, protected = st["committed"], st.get("protected")
+        lag = "-" if None in (committed, protected) else committed - protected  # steps a node loss would cost now
+        print(f"{st['job']:<20} {st['node']:>4} {st['pid']:>7} {_dash(committed):>9} {_dash(protected):>9} {lag:>4} "
               f"{_human(st['shm_bytes']):>10}  {ranks}")
     return 0
 

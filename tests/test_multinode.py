@@ -369,9 +369,10 @@ def test_peer_smp_killed_while_serving_a_rebuild(cluster):
 
 def test_smp_restarted_while_training_stalls_is_protected_again(cluster, golden):
     """A restarted SMP re-adopts its snapshots and the parity of the protected step (so its group stays
-    protected); its group leader also protects the newest committed step again at once, even while training is
+    protected); the round leader also protects the newest committed step again at once, even while training is
     stalled and commits nothing new. A node lost next is still rebuilt (node 2's data shares stripes with node
-    1's parity) and the job ends bit-identically."""
+    1's parity) and the job ends bit-identically. `ftmem status` shows every node's committed and protected
+    step, and the lag between them, while training is stalled."""
     k = random.Random(SEED + 4).randint(6, 14)
     print(f"FTMEM_TEST_SEED={SEED}: training stalls after step {k}; node 1's SMP dies, then node 2 whole")
     expected = golden(3, *DIM)
@@ -404,6 +405,9 @@ def test_smp_restarted_while_training_stalls_is_protected_again(cluster, golden)
 
     cluster.wait_until(all_protected, 60, "the committed step to be protected on every node", interval=0.5)
     step = statuses()[0]["committed"]
+    table = cluster.wait(cluster.python(["-m", "ftmem.cli", "status", "--job-id", cluster.job], name="status"), 60)
+    rows = {int(f[1]): f[3:6] for f in map(str.split, table.splitlines()) if f and f[0] == cluster.job}
+    assert rows == {i: [str(step), str(step), "0"] for i in range(3)}, f"committed, protected, lag:\n{table}"
     old_smp = cluster.smp_info(1)["pid"]
     psutil.Process(old_smp).kill()
     cluster.wait_until(lambda: all_protected(old_smp), 60, "node 1's restarted SMP to be protected again",
