@@ -241,7 +241,10 @@ def test_a_lagging_group_and_another_each_lose_a_node_and_rebuild_at_the_step_ev
     protected (and kept) newer steps than the only one node 1 can be rebuilt at, and no step would be
     restorable on every rank."""
     expected = golden(4, *DIM)
-    job = Job(cluster, 4, ["--max-restarts", "3", "--ftmem-ec-group", "2"], DIM, FTMEM_TIMEOUT=TIMEOUT)
+    # slower steps than the other tests' (the sleep changes no result): the first protected step, which the
+    # stalled coder delays by seconds, then still comes early in the run, with the kill well before its end
+    job = Job(cluster, 4, ["--max-restarts", "3", "--ftmem-ec-group", "2"], [*DIM, "--step-sleep", "0.2"],
+              FTMEM_TIMEOUT=TIMEOUT)
     slow = {"FTMEM_STALL_AT": "smp_mid_encode=1.5"}
     job.start_all(node_env={0: slow, 1: slow})
     job.wait_for_step(3)
