@@ -132,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # previous attempt's process-group keys (pytorch/pytorch#135712): restarts fail to connect. A store per
     # attempt is what restarting after failures needs.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    if args.ftmem_hang_timeout < 0:
+        raise SystemExit(f"ftmem-run: --ftmem-hang-timeout must be >= 0 (0: off), got {args.ftmem_hang_timeout}")
     _, max_nodes = parse_min_max_nnodes(args.nnodes)
     env = NodeEnv(_job_id(args), _node_id(args, max_nodes))
     if args.node_rank is None:
@@ -141,8 +143,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     smp_args = ["--timeout", str(args.ftmem_timeout), *_cluster_args(args, max_nodes)]
     supervisor = SmpSupervisor(env, smp_args, timeout=args.ftmem_timeout)
     supervisor.start()
-    if args.ftmem_hang_timeout < 0:
-        raise SystemExit(f"ftmem-run: --ftmem-hang-timeout must be >= 0 (0: off), got {args.ftmem_hang_timeout}")
     watchdog = HangWatchdog(env, args.ftmem_hang_timeout) if args.ftmem_hang_timeout > 0 else None
     if watchdog is not None:
         watchdog.start()

@@ -42,6 +42,7 @@ def node_id(argv: list[str]) -> int:
      "needs --rdzv-backend c10d"),
     (["--nnodes", "4", "--node-rank", "1", *C10D, "--ftmem-ec-group", "3"], "--ftmem-ec-group 3 does not divide"),
     (["--nnodes", "3", "--node-rank", "1", *C10D, "--ftmem-ec-parity", "3"], "--ftmem-ec-parity 3 must be"),
+    (["--standalone", "--ftmem-hang-timeout", "-1"], "--ftmem-hang-timeout must be >= 0"),
 ])
 def test_a_misconfigured_node_is_refused_before_anything_starts(argv, error, monkeypatch):
     def started(*args, **kwargs):
