@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,10 +24,28 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "train_gpt.py"
 
 
+_EPHEMERAL_LOW = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port for a process to bind later. It lies below the kernel's ephemeral range, which bind(0)
+    and connect() draw from, so no other process of the suite is handed it meanwhile (a launcher binds its
+    rendezvous port only after importing torch, seconds later); pytest-xdist workers draw from disjoint sets."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    for _ in range(1000):
+        port = random.randrange(10_000 + worker, _EPHEMERAL_LOW, workers)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in [10000, {_EPHEMERAL_LOW})")
 
 
 class Cluster:
@@ -177,6 +196,19 @@ class Cluster:
                 pass
         for name in list_segments(f"ftmem.{self.job}."):
             unlink(name)
+
+
+# Module-scoped fixtures that several tests share (golden runs, long-lived SMPs). Under pytest-xdist (scripts/test.sh)
+# the tests using one of them run on one worker, in order, so that it is set up once; so do tests marked with an
+# xdist_group of their own (test_multinode.py's); any other test goes to whichever worker is free.
+SHARED_FIXTURES = ("golden1", "golden2", "shared")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        name = next((n for n in SHARED_FIXTURES if n in getattr(item, "fixturenames", ())), None)
+        if name is not None and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{name}"))
 
 
 @pytest.fixture

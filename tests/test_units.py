@@ -982,22 +982,75 @@ def test_a_restarted_smp_takes_over_the_protected_parity_and_nothing_else():
     assert shm.list_segments(prefix) == []
 
 
+def test_the_step_protected_before_stays_readable_until_the_next_round_claims_its_slot():
+    from ftmem.smp.parity import ParityStore
+
+    prefix = f"ftmem-unit-{uuid.uuid4().hex[:8]}.n0."
+    store = ParityStore(prefix)
+    try:
+        for step, byte in ((5, b"a"), (6, b"b")):
+            store.write(store.work(step, 4096), 0, byte * 4096)
+            store.promote(step, b"meta")
+        assert store.protected_step == 6
+        assert store.read(5, 0, 4) == b"aaaa" and store.read(6, 0, 4) == b"bbbb"
+        store.work(7, 4096)
+        assert store.read(6, 0, 4) == b"bbbb"
+        with pytest.raises(KeyError):
+            store.read(5, 0, 4)
+    finally:
+        store.close(unlink_all=True)
+    assert shm.list_segments(prefix) == []
+
+
+def test_a_rebuild_takes_the_newest_step_every_surviving_member_keeps():
+    """A leader died announcing step 6 to node 1 only: node 1 keeps 6 and 5, node 2 still 5 (and 4). Node 0 is
+    rebuilt at 5. A member being rebuilt itself (no answer) does not count; with nothing in common, the newest."""
+    from ftmem.recovery.rebuild import newest_protected
+    from ftmem.smp.protect import GroupMeta
+
+    def meta(step: int) -> GroupMeta:
+        return GroupMeta(step, 4, 1, 4096, (0, 1, 2, 3), ((), (), (), ()))
+
+    class Link:
+        def __init__(self, steps):
+            self.steps = steps
+
+        def request(self, op, timeout):
+            assert op == "ec_status"
+            return {}, [meta(s).pack() for s in self.steps]
+
+    def newest(**kept) -> int | None:
+        links = {int(k[1:]): Link(v) for k, v in kept.items()}
+        found = newest_protected((0, 1, 2, 3), 0, links.get, 1.0)
+        return None if found is None else found.step
+
+    assert newest(n1=[6, 5], n2=[5, 4], n3=[]) == 5
+    assert newest(n1=[6, 5], n2=[6, 5], n3=[6, 5]) == 6
+    assert newest(n1=[6], n2=[4]) == 6
+    assert newest(n3=[]) is None
+
+
 # ------------------------------------------------------------------------------------------------ fault drills
 
 
 def test_a_stall_point_sleeps_at_its_point_only(monkeypatch):
-    """FTMEM_STALL_AT slows every pass through the named points down (by sleeping), and nothing else."""
+    """FTMEM_STALL_AT slows every pass through the named points down (by sleeping), or with `#n` only the n-th,
+    and nothing else."""
     from ftmem import faults
 
     slept: list[float] = []
     monkeypatch.setattr(faults.time, "sleep", slept.append)
+    monkeypatch.setattr(faults, "_passes", {})
     monkeypatch.delenv("FTMEM_CRASH_AT", raising=False)
-    monkeypatch.setenv("FTMEM_STALL_AT", "smp_mid_encode=1.5, mid_copy=0.25")
+    monkeypatch.setenv("FTMEM_STALL_AT", "smp_mid_encode=1.5, mid_copy=0.25, smp_ec_result_sent#3=9")
     for step in (3, 4):
         faults.fault_point("smp_mid_encode", step)
     faults.fault_point("mid_copy", 7, rank=1)
     faults.fault_point("before_local_commit", 7, rank=1)
     assert slept == [1.5, 1.5, 0.25]
+    for step in range(5):
+        faults.fault_point("smp_ec_result_sent", step)
+    assert slept == [1.5, 1.5, 0.25, 9]
     monkeypatch.delenv("FTMEM_STALL_AT")
     faults.fault_point("smp_mid_encode", 5)
-    assert slept == [1.5, 1.5, 0.25]
+    assert slept == [1.5, 1.5, 0.25, 9]

@@ -26,8 +26,11 @@ class RebuildError(RuntimeError):
 
 def newest_protected(members: tuple[int, ...], node: int, link_to: Callable[[int], PeerLink | None],
                      timeout: float) -> GroupMeta | None:
-    """The newest protected step any live group member knows that includes this node."""
-    best: GroupMeta | None = None
+    """The newest protected step, including this node, that every live group member that answers keeps (each
+    keeps its protected step and, until the next round, the one before: a leader that died announcing a step
+    may have told only some of them). Without such a step, the newest any of them keeps: its rebuild then names
+    what is missing."""
+    kept: list[dict[int, GroupMeta]] = []
     for m in members:
         link = link_to(m) if m != node else None
         if link is None:
@@ -36,11 +39,16 @@ def newest_protected(members: tuple[int, ...], node: int, link_to: Callable[[int
             _, blobs = link.request("ec_status", timeout)
         except (TimeoutError, RuntimeError):
             continue
-        if blobs:
-            meta = GroupMeta.unpack(blobs[0])
-            if node in meta.members and (best is None or meta.step > best.step):
-                best = meta
-    return best
+        metas = {meta.step: meta for meta in map(GroupMeta.unpack, blobs) if node in meta.members}
+        if metas:
+            kept.append(metas)
+    if not kept:
+        return None
+    common = set.intersection(*(set(metas) for metas in kept))
+    step = max(common) if common else max(s for metas in kept for s in metas)
+    if common and step < max(s for metas in kept for s in metas):
+        log.info("rebuilding at step %d, the newest that every surviving group member keeps", step)
+    return next(metas[step] for metas in kept if step in metas)
 
 
 def rebuild_node(meta: GroupMeta, node: int, data: NodeData, parity: ParityStore,

@@ -13,6 +13,10 @@ moved rank's payload), which run on one worker thread with its own peer links an
   four buffers per rank (the default with erasure coding) the round's step is pinned for the round, which
   leaves two for double buffering; with fewer it is only softly kept: a rank needing the buffer takes it and
   the round fails. Either way encoding never blocks training.
+- **The step before.** The leader tells the nodes a round's result one by one; dying in between, it leaves some
+  nodes holding the step as protected and others not. So a node also keeps the step protected before (its data
+  and parity) until the next round starts, which the leader begins only after telling every node: the group can
+  always rebuild a lost node at the newest step that all its survivors hold.
 - **Rebuild.** A node that starts with nothing asks its group for the newest protected step and rebuilds its
   data and parity before its ranks may restore.
 """
@@ -158,6 +162,7 @@ class Cluster:
         self.rebuild_error: str | None = None
         self.join_error: str | None = None  # why this SMP is not part of its EC group: its ranks may not start
         self.meta: GroupMeta | None = None   # of the protected step
+        self.previous: GroupMeta | None = None  # of the step protected before, kept until the next round starts
         self.protected: int | None = None
         self.member_round: _MemberRound | None = None
         self.leading: _Round | None = None
@@ -373,8 +378,11 @@ class Cluster:
     # ---- erasure-coding rounds -------------------------------------------------------------------------------
 
     def keep(self) -> frozenset[int]:
-        """Steps local buffers must keep: the protected one, and a running round's step when it is pinned."""
+        """Steps local buffers must keep: the protected one, the one before until the next round starts, and a
+        running round's step when it is pinned (never more than two at once)."""
         steps = {self.protected} if self.protected is not None else set()
+        if self.previous is not None:
+            steps.add(self.previous.step)
         if self.member_round is not None and self.member_round.pinned:
             steps.add(self.member_round.step)
         return frozenset(steps)
@@ -390,6 +398,15 @@ class Cluster:
         """A rank is about to overwrite a buffer holding `step`."""
         if self.member_round is not None and step == self.member_round.step:
             self.member_round.aborted = True
+
+    def _spare_buffers(self) -> bool:
+        """Whether the ranks' buffers leave two for double buffering while two more steps are kept: four do."""
+        return self.d.store.count >= 4
+
+    def _meta_of(self, step: int) -> GroupMeta | None:
+        """What the group's parity of `step` was computed over, if this node keeps it (protected, or the one
+        before)."""
+        return next((m for m in (self.meta, self.previous) if m is not None and m.step == step), None)
 
     def _round_aborted(self, step: int) -> bool:
         return self.member_round is None or self.member_round.step != step or self.member_round.aborted
@@ -453,6 +470,7 @@ class Cluster:
             log.info("EC round of step %d failed; unless a newer step commits, it is led again in %.0fs", step, delay)
         for m in self.nodes:
             self._send(m, "ec_result", step=step, ok=ok)
+            fault_point("smp_ec_result_sent", step)
 
     def _on_ec_start(self, step: int, leader: int) -> None:
         peer = self.peers.get(leader)
@@ -466,9 +484,9 @@ class Cluster:
         if self.member_round is not None:
             log.warning("EC round of step %d starts while step %d is still running; abandoning that",
                         step, self.member_round.step)
-        # four buffers leave two for double buffering while the round's step is pinned (see the module doc)
+        self.previous = None  # the leader told every node the last result before this: all of them protect it
         self.member_round = _MemberRound(step, leader, time.monotonic() + self.d.timeout,
-                                         pinned=self.d.store.count >= 4)
+                                         pinned=self._spare_buffers())
         self.jobs.put(("encode", step))
 
     def _on_ec_done(self, msg: dict[str, Any]) -> None:
@@ -488,6 +506,7 @@ class Cluster:
             committed = self.d.tracker.committed
             self.stats["lag_steps"] = 0 if committed is None else committed - step
             self.parity.promote(step, self.pending_meta.pack())
+            self.previous = self.meta if self._spare_buffers() else None
             self.meta, self.protected = self.pending_meta, step
             log.debug("step %d is protected (EC group %s)", step, list(self.members))
         if self.member_round is not None and self.member_round.step == step:
@@ -723,8 +742,9 @@ class Cluster:
                  if (buf := rb.holding(step)) is not None]
         if not parts:
             raise LookupError(f"node {self.node} holds no snapshot of step {step}")
-        if self.meta is not None and step == self.meta.step:
-            manifest = self.meta.manifests[self.meta.members.index(self.node)]
+        meta = self._meta_of(step)
+        if meta is not None:
+            manifest = meta.manifests[meta.members.index(self.node)]
             coded = {rank for rank, _, _ in manifest}
             parts = [p for p in parts if p.rank in coded]  # not a rank that moved here since (its copy of the step)
             if sorted((p.rank, p.length, p.buffer.header.pack()) for p in parts) != sorted(manifest):
@@ -740,15 +760,18 @@ class Cluster:
         return [data.read(off, length) for off, length in _checked_ranges(msg["ranges"])]
 
     def _read_parity(self, msg) -> list[bytes]:
-        if self.meta is None or self.meta.step != msg["step"]:
+        meta = self._meta_of(msg["step"])
+        if meta is None:
             raise LookupError(f"no parity of step {msg['step']} (protected: {self.protected})")
         fault_point("smp_serving_rebuild", msg["step"])  # parity is read only to rebuild a node
-        chunk = self.meta.chunk
+        chunk = meta.chunk
         return [self.parity.read(msg["step"], off, length)
                 for off, length in _checked_ranges([[slot * chunk, chunk] for slot in _checked_ints(msg["slots"])])]
 
     def _read_ec_status(self, msg) -> list[bytes]:
-        return [self.meta.pack()] if self.meta is not None and not self.rebuilding else []
+        if self.rebuilding:
+            return []
+        return [m.pack() for m in (self.meta, self.previous) if m is not None]
 
     def _read_payload(self, msg) -> list[bytes]:
         buf = self.d.store.of(msg["rank"]).holding(msg["step"])

@@ -2,7 +2,8 @@
 
 A promoted slot is never written again (the next round takes the other one), so a record naming it, written
 atomically at each promotion, lets a restarted SMP take the protected parity over instead of leaving its group
-unprotected until the next round.
+unprotected until the next round. Until then, the other slot still holds the step protected before, which a
+group rebuilds at when a leader died announcing the newer one to only some nodes (see Cluster).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class ParityStore:
 
     def promote(self, step: int, meta: bytes) -> None:
         """`step`'s round succeeded on the whole group: its slot becomes the protected one, recorded with `meta`
-        (what it was computed over) for a restarted SMP; the other slot is free for the next round."""
+        (what it was computed over) for a restarted SMP. The other slot keeps the step protected before, readable
+        until the next round claims it."""
         with self._lock:
             for i, s in enumerate(self._steps):
                 if s == -1 - step:
@@ -98,8 +100,6 @@ class ParityStore:
                     with open(tmp, "wb") as f:
                         f.write(msgpack.packb([self._slots[i].name, step, meta], use_bin_type=True))
                     os.replace(tmp, self._record)
-                elif s is not None and s >= 0 and s != step:
-                    self._steps[i] = None
 
     def read(self, step: int, offset: int, length: int) -> bytes:
         with self._lock:
