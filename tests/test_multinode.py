@@ -831,9 +831,10 @@ def test_a_stalled_smp_does_not_take_its_live_peers_for_gone(peers):
 def test_a_rank_that_moved_frees_its_buffers_on_its_old_node_once_the_job_moved_on(cluster):
     """Two bare SMPs of a 2-node job with fake ranks (the control protocol a rank speaks). In epoch 1 rank r
     lives on node r; in epoch 2 a re-rendezvous swaps them, each fetches its snapshot from its old node and
-    writes the next step on its new one. The old node keeps the moved rank's buffers while anything may read
-    them (the restore's transfer, the protected step's parity), then frees them: once a newer step is
-    committed and protected without them. Without that, every move leaves a whole set of buffers behind."""
+    writes the next steps on its new one. The old node keeps the moved rank's buffers while anything may read
+    them (the restore's transfer, the parity of the protected step and of the one before), then frees them:
+    once newer steps are protected without them. Without that, every move leaves a whole set of buffers
+    behind."""
     from torch.distributed import TCPStore
 
     from test_smp_protocol import payload_for, write_snapshot
@@ -873,12 +874,16 @@ def test_a_rank_that_moved_frees_its_buffers_on_its_old_node_once_the_job_moved_
     for rank in (0, 1):
         write_snapshot(client[1 - rank], rank, 3, 2, payload_for(rank, 3))
     cluster.wait_until(lambda: protected(3), 60, "step 3 to be protected on both nodes", interval=0.2)
+    for rank in (0, 1):
+        assert rank_segments(rank, rank), f"rank {rank}'s old buffers went while step 2 is the one protected before"
+        write_snapshot(client[1 - rank], rank, 4, 2, payload_for(rank, 4))
+    cluster.wait_until(lambda: protected(4), 60, "step 4 to be protected on both nodes", interval=0.2)
     cluster.wait_until(lambda: not rank_segments(0, 0) and not rank_segments(1, 1), 30,
                        "the moved ranks' old buffers to be freed", interval=0.2)
     for rank in (0, 1):
         assert f"released rank {rank}'s buffers" in cluster.output(smp[rank]), cluster.logs()
         assert rank_segments(1 - rank, rank), "the rank's buffers on its new node must stay"
-        assert [s for s, _ in client[1 - rank].call("available", rank=rank)["steps"]][:1] == [3]
+        assert [s for s, _ in client[1 - rank].call("available", rank=rank)["steps"]][:1] == [4]
     del store
 
 
