@@ -198,19 +198,6 @@ class Cluster:
             unlink(name)
 
 
-# Module-scoped fixtures that several tests share (golden runs, long-lived SMPs). Under pytest-xdist (scripts/test.sh)
-# the tests using one of them run on one worker, in order, so that it is set up once; so do tests marked with an
-# xdist_group of their own (test_multinode.py's); any other test goes to whichever worker is free.
-SHARED_FIXTURES = ("golden1", "golden2", "shared")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        name = next((n for n in SHARED_FIXTURES if n in getattr(item, "fixturenames", ())), None)
-        if name is not None and item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{name}"))
-
-
 @pytest.fixture
 def cluster(tmp_path: Path):
     c = Cluster(tmp_path)

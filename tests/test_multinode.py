@@ -40,10 +40,6 @@ from ftmem.smp.process import autogrouping, effective_nice
 from ftmem.smp.protocol import ControlClient, SmpError, SmpUnavailable
 from ftmem.smp.shm import shm_dir
 
-# one pytest-xdist worker runs these in order (see conftest.py): they share a golden run and long-lived SMPs, and
-# two multi-node jobs at once on two cores slow each other down more than the overlap gains
-pytestmark = pytest.mark.xdist_group("multinode")
-
 STEPS = 24
 TRAIN = ["--steps", str(STEPS)]
 SLOW = ["--step-sleep", "0.1"]  # so a kill from outside lands mid-run
