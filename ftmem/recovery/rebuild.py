@@ -44,9 +44,9 @@ def newest_protected(members: tuple[int, ...], node: int, link_to: Callable[[int
             kept.append(metas)
     if not kept:
         return None
-    common = set.intersection(*(set(metas) for metas in kept))
-    step = max(common) if common else max(s for metas in kept for s in metas)
-    if common and step < max(s for metas in kept for s in metas):
+    newest = max(s for metas in kept for s in metas)
+    step = max(set.intersection(*(set(metas) for metas in kept)), default=newest)
+    if step < newest:
         log.info("rebuilding at step %d, the newest that every surviving group member keeps", step)
     return next(metas[step] for metas in kept if step in metas)
 
