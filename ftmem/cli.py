@@ -8,10 +8,14 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
+import glob
+import os
+import re
 import signal
 import sys
 
-from ftmem.env import running_smps
+from ftmem.env import NodeEnv, running_smps, runtime_dir
 from ftmem.smp.protocol import ControlClient, SmpError, SmpUnavailable
 from ftmem.smp.shm import list_segments, unlink
 
@@ -28,8 +32,29 @@ def _dash(value: int | None) -> int | str:
     return "-" if value is None else value
 
 
+def _lock_if_stopped(env: NodeEnv) -> int | None:
+    """An fd holding the lock of `env`'s SMP, or None while that SMP runs. The lock, not an info file, says whether
+    it runs: the kernel releases it when the SMP dies, SIGKILL included, while its info file stays behind (naming
+    a pid that may be reused since)."""
+    fd = os.open(env.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _running(info: dict) -> bool:
+    fd = _lock_if_stopped(NodeEnv(info["job"], info["node"]))
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
 def status(job: str | None) -> int:
-    infos = running_smps(job)
+    infos = [info for info in running_smps(job) if _running(info)]
     if not infos:
         print(f"no running SMP{' for job ' + job if job else ''} on this machine")
         return 1
@@ -53,12 +78,29 @@ def status(job: str | None) -> int:
 
 
 def clean(job: str) -> int:
-    if running_smps(job):
-        print(f"an SMP of job {job} is running; stop the job first", file=sys.stderr)
-        return 1
-    names = list_segments(f"ftmem.{job}.")
-    for name in names:
-        unlink(name)
+    """Remove the job's segments and its dead SMPs' info, socket and lock files, holding every node's lock
+    meanwhile, so that no SMP of the job starts (and adopts half-removed memory) while this runs."""
+    locks = glob.glob(os.path.join(runtime_dir(), f"{glob.escape(job)}.n*.lock"))
+    nodes = sorted(int(m.group(1)) for path in locks
+                   if (m := re.fullmatch(rf"{re.escape(job)}\.n(\d+)\.lock", os.path.basename(path))))
+    held: list[tuple[NodeEnv, int]] = []
+    try:
+        for env in (NodeEnv(job, node) for node in nodes):
+            fd = _lock_if_stopped(env)
+            if fd is None:
+                print(f"the SMP of job {job} node {env.node} is running; stop the job first", file=sys.stderr)
+                return 1
+            held.append((env, fd))
+        names = list_segments(f"ftmem.{job}.")
+        for name in names:
+            unlink(name)
+        for env, _ in held:  # the lock last: an SMP starting now locks a new file, and finds no memory to adopt
+            for path in (env.info_path, env.socket_path, env.lock_path):
+                if os.path.exists(path):
+                    os.unlink(path)
+    finally:
+        for _, fd in held:
+            os.close(fd)
     print(f"removed {len(names)} segment(s) of job {job}")
     return 0
 

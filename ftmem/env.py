@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 _SAFE = re.compile(r"[^A-Za-z0-9_-]")
+SMP_LOCKED = 3  # exit code of `python -m ftmem.smp` finding another SMP serving its job and node (holding its lock)
 
 
 def _clean_job_id(raw: str) -> str:

@@ -8,12 +8,11 @@ import sys
 import threading
 import time
 
-from ftmem.env import NodeEnv, runtime_dir
+from ftmem.env import SMP_LOCKED, NodeEnv, runtime_dir
 from ftmem.log import get_logger
 from ftmem.smp.protocol import ControlClient, SmpError, SmpUnavailable
 
 log = get_logger("run")
-_LOCKED = 3  # exit code of an SMP that found another one serving the same job and node
 
 
 class SmpSupervisor:
@@ -47,7 +46,7 @@ class SmpSupervisor:
         try:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    if self.proc.returncode == _LOCKED:
+                    if self.proc.returncode == SMP_LOCKED:
                         raise SystemExit(f"ftmem-run: another SMP already serves job {self.env.job} node "
                                          f"{self.env.node}; is the same job running? (see {self.logfile})")
                     raise SystemExit(f"ftmem-run: the SMP exited with code {self.proc.returncode} at start; "

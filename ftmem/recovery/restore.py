@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ftmem.log import get_logger
-from ftmem.smp.layout import HEADER_SIZE, BufferState, Descriptor, Header
+from ftmem.smp.layout import HEADER_SIZE, BufferState, Descriptor, Header, LayoutError
 from ftmem.smp.protocol import ControlClient
 from ftmem.smp.shm import Segment
 from ftmem.snapshot.capture import Stateful, apply_snapshot
@@ -127,11 +127,17 @@ def load_segment(name: str, rank: int, step: int) -> tuple[dict[str, torch.Tenso
         if header.state != BufferState.COMPLETE or header.step != step or header.rank != rank:
             raise CorruptSnapshotError(f"ftmem: buffer {name} holds step {header.step} of rank {header.rank} "
                                        f"({header.state.name}), not step {step} of rank {rank}")
-        with memoryview(seg.buf) as mv:
-            payload = mv[HEADER_SIZE: HEADER_SIZE + header.payload_len]
-            desc = Descriptor.unpack(payload[header.desc_off: header.desc_off + header.desc_len])
+        # Checksums first: a damaged descriptor may not even decode, and that too is corruption (the SMP must hear
+        # of it). Every view is released on every way out, or seg.close() fails (BufferError) and hides the error.
+        with memoryview(seg.buf) as mv, mv[HEADER_SIZE: HEADER_SIZE + header.payload_len] as payload:
             bad = header.bad_chunks(payload)
-            del payload
+            with payload[header.desc_off: header.desc_off + header.desc_len] as raw:
+                try:
+                    desc = Descriptor.unpack(raw)
+                except LayoutError as exc:
+                    why = f"checksum mismatch in {len(bad)} chunk(s); {exc}" if bad else exc
+                    raise CorruptSnapshotError(f"ftmem: snapshot of step {step} for rank {rank} is corrupt: "
+                                               f"{why}") from exc
         if bad:
             hit = sorted({n for i in bad for n in desc.entries_in(i * header.chunk_size, (i + 1) * header.chunk_size)})
             raise CorruptSnapshotError(f"ftmem: snapshot of step {step} for rank {rank} is corrupt: checksum "

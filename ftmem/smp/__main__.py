@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ftmem.env import NodeEnv, default_job_id
+from ftmem.env import SMP_LOCKED, NodeEnv, default_job_id
 from ftmem.erasure import ErasureConfigError
 from ftmem.smp.cluster import ClusterConfig
 from ftmem.smp.daemon import SnapshotDaemon
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                             exit_when_done=args.exit_when_done, parent_pid=args.parent_pid, cluster=cluster)
     if not daemon.acquire_lock():
         print(f"ftmem smp: another SMP already serves job {args.job_id} node {args.node}", file=sys.stderr)
-        return 3
+        return SMP_LOCKED
     daemon.run()
     return 0
 

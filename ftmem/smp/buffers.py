@@ -10,7 +10,7 @@ from typing import Callable
 
 from ftmem.log import get_logger
 from ftmem.smp.layout import HEADER_SIZE, BufferState, Header, LayoutError
-from ftmem.smp.shm import Segment, ShmFullError, list_segments, unlink
+from ftmem.smp.shm import Segment, list_segments, unlink
 
 log = get_logger("smp")
 _NAME = re.compile(r"r(\d+)\.b(\d+)\.g(\d+)$")
@@ -89,7 +89,7 @@ class BufferStore:
         self._gen = 0
         self._creating: dict[tuple[int, int], _Creation] = {}  # by (rank, buffer index)
         self._waiting: list[tuple[list[tuple[int, Buffer, int]], Callable[[], None],
-                                  Callable[[ShmFullError], None]]] = []  # see `when_ready`
+                                  Callable[[OSError], None]]] = []  # see `when_ready`
         self._creators = ThreadPoolExecutor(CREATORS, thread_name_prefix="ftmem-shm")
         self._reserver = ThreadPoolExecutor(1, thread_name_prefix="ftmem-shm-reserve")
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -121,7 +121,8 @@ class BufferStore:
 
     def ready(self, rank: int, buf: Buffer, nbytes: int) -> bool:
         """Whether `buf` holds `nbytes` now. If not, its segment is being (re)created: ask again once
-        `wakeup_fd` fires. Raises a creation's error (ShmFullError) when it failed for this size."""
+        `wakeup_fd` fires. Raises a creation's error (an OSError: ShmFullError when there is no room) when it
+        failed for this size."""
         key = (rank, buf.index)
         creation = self._creating.get(key)
         if creation is not None:
@@ -147,7 +148,7 @@ class BufferStore:
                 self._create(rank, buf.index, nbytes, reserved=True)
 
     def when_ready(self, wanted: list[tuple[int, Buffer, int]], then: Callable[[], None],
-                   failed: Callable[[ShmFullError], None]) -> None:
+                   failed: Callable[[OSError], None]) -> None:
         """(Re)create the segments of these (rank, buffer, nbytes) that are missing or too small, all at once, and
         call `then` when every one is ready, or `failed` with a creation's error: at once if nothing needs
         creating, else from `run_ready` (the event loop calls it after each wakeup). A rebuilt node or a moved
@@ -161,7 +162,7 @@ class BufferStore:
         for wanted, then, failed in waiting:
             try:
                 done = [self.ready(rank, buf, nbytes) for rank, buf, nbytes in wanted]  # starts each creation
-            except ShmFullError as exc:
+            except OSError as exc:  # any failed creation (no room, a name taken, ...) ends the wait, never the SMP
                 failed(exc)
                 continue
             if all(done):

@@ -18,7 +18,12 @@ import zmq
 
 MAX_CONTROL_BYTES = 1 << 20
 MAX_INT = 1 << 62  # well inside the int64 every header field holds
-NONE_AS_MINUS_ONE = frozenset({"step", "committed", "protected"})  # -1 says "no step"; every other int is >= 0
+MAX_WORLD = 1 << 20  # ranks of a job: the SMP loops over them at every commit, and a huge world would stall it
+INT_BOUNDS = {"world": MAX_WORLD + 1, "rank": MAX_WORLD, "local_rank": MAX_WORLD}  # exclusive; others: MAX_INT
+NONE_AS_MINUS_ONE = frozenset({"step", "committed", "protected", "previous", "base"})  # -1: no step; others >= 0
+# The SMP answers a request stuck for its timeout with the reason on a later tick (daemon.TICK_MS apart): a client
+# with the same timeout waits this much longer, so that the rank gets that reason instead of "did not answer".
+ANSWER_GRACE_S = 2.0
 
 # op -> {field: type}. `int` never accepts a bool.
 CONTROL_SCHEMA: dict[str, dict[str, type]] = {
@@ -74,9 +79,9 @@ def decode(data: bytes, schema: Mapping[str, Mapping[str, type]], max_bytes: int
             raise ProtocolError(f"{op}: missing field {name!r}")
         if type(msg[name]) is not typ:
             raise ProtocolError(f"{op}: field {name!r} must be {typ.__name__}, got {type(msg[name]).__name__}")
-        low = -1 if name in NONE_AS_MINUS_ONE else 0
-        if typ is int and not low <= msg[name] < MAX_INT:
-            raise ProtocolError(f"{op}: field {name!r} is out of range [{low}, 2**62): {msg[name]}")
+        low, high = -1 if name in NONE_AS_MINUS_ONE else 0, INT_BOUNDS.get(name, MAX_INT)
+        if typ is int and not low <= msg[name] < high:
+            raise ProtocolError(f"{op}: field {name!r} is out of range [{low}, {high}): {msg[name]}")
     extra = set(msg) - set(fields) - {"op", "id"}
     if extra:
         raise ProtocolError(f"{op}: unexpected fields {sorted(extra)}")
@@ -105,7 +110,9 @@ class ControlClient:
     """A rank's connection to its SMP: request/reply with retries, so an SMP restart is survived.
 
     Requests are idempotent on the SMP side, so on silence the request is re-sent on a fresh socket (an SMP that
-    was restarted binds the same ipc path). Only a reply with the request's id is accepted.
+    was restarted binds the same ipc path). Only a reply with the request's id is accepted. `timeout` is the SMP's
+    own (FTMEM_TIMEOUT): a call under it waits ANSWER_GRACE_S longer for the SMP's explanation of a stuck request;
+    a call's explicit `timeout` (a probe) is kept exactly.
     """
 
     def __init__(self, address: str, timeout: float = 300.0, retry_interval: float = 5.0) -> None:
@@ -130,7 +137,7 @@ class ControlClient:
 
     def call(self, op: str, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
         """Send one request and wait for its reply; SmpError on an error reply, SmpUnavailable on silence."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        deadline = time.monotonic() + (self.timeout + ANSWER_GRACE_S if timeout is None else timeout)
         with self._lock:
             req_id = _request_id()
             payload = encode({"op": op, "id": req_id, **fields})

@@ -15,7 +15,8 @@ SHM_DIR = "/dev/shm"
 
 
 class ShmFullError(OSError):
-    """/dev/shm cannot hold a segment; raised before anything is written (never a SIGBUS later)."""
+    """There is no room for a segment (in /dev/shm, or address space to map it); raised before anything is
+    written (never a SIGBUS later), with nothing left behind."""
 
     def __str__(self) -> str:
         return self.strerror  # the message names the errno's meaning; no "[Errno 28]" before it for users
@@ -69,7 +70,12 @@ class Segment:
             unlink(name)
             raise ShmFullError(exc.errno, f"ftmem: could not allocate {size} bytes for {name!r} in "
                                f"{shm_dir()}: {os.strerror(exc.errno or 0)}") from exc
-        return cls(name, fd, size, populate=False)
+        try:
+            return cls(name, fd, size, populate=False)
+        except OSError as exc:  # e.g. ENOMEM under RLIMIT_AS: the allocated file would stay, owned by nobody
+            unlink(name)
+            raise ShmFullError(exc.errno, f"ftmem: could not map the {size} bytes of {name!r} in {shm_dir()}: "
+                               f"{os.strerror(exc.errno or 0)}") from exc
 
     @classmethod
     def open(cls, name: str, populate: bool = True) -> "Segment":
