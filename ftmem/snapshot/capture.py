@@ -8,6 +8,7 @@ Everything else (RNG states, the step, optimizer hyperparameters and scalar stat
 from __future__ import annotations
 
 import random
+import sys
 from typing import Any, Mapping, NamedTuple, Protocol
 
 import numpy as np
@@ -36,6 +37,28 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
     return model
+
+
+def snapshot_device(model: torch.nn.Module) -> torch.device | None:
+    """The CUDA device of `model`'s parameters, None on CPU; checked before anything connects to the SMP.
+
+    DTensor parameters (FSDP2, tensor parallel) need sharded snapshots, which are not supported yet: they are
+    rejected here instead of failing in the copy thread (DTensor is looked up only if its module is loaded, as it
+    is once one exists: importing it costs a second). So are parameters on several CUDA devices (the copy is
+    ordered after one device's training stream) or on a device that is neither CPU nor CUDA (e.g. meta).
+    """
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    params = list(model.named_parameters())
+    if dtensor is not None:
+        for name, p in params:
+            if isinstance(p, dtensor):
+                raise NotImplementedError(f"ftmem: parameter {name!r} is a DTensor (FSDP2 fully_shard or tensor "
+                                          "parallel): sharded snapshots are not supported yet")
+    devices = {p.device for _, p in params} - {torch.device("cpu")}
+    if len(devices) > 1 or any(d.type != "cuda" for d in devices):
+        raise ValueError(f"ftmem: parameters on {', '.join(sorted(map(str, devices)))}: CPU and one CUDA device "
+                         "per rank are supported")
+    return next(iter(devices), None)
 
 
 def _param_names(model_state: Mapping[str, Any]) -> dict[int, str]:

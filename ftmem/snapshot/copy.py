@@ -12,15 +12,19 @@ from __future__ import annotations
 import queue
 import struct
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from ftmem.faults import fault_point
+from ftmem.log import get_logger
 from ftmem.smp.layout import HEADER_SIZE, chunk_crcs, chunk_size_for
 from ftmem.smp.protocol import ControlClient
 from ftmem.smp.shm import Segment
 from ftmem.snapshot.plan import LayoutPlan
+
+log = get_logger("copy")
 
 
 @dataclass
@@ -80,14 +84,18 @@ def _check(rc) -> None:
 
 
 class CopyEngine:
-    """Runs snapshot jobs in order on one worker thread; errors surface at the next call from training."""
+    """Runs snapshot jobs in order on one worker thread; errors surface at the next call from training.
 
-    def __init__(self, client: ControlClient, rank: int, cuda: bool, timeout: float) -> None:
+    `device` is the CUDA device of the model's parameters (None on CPU): the side stream, the host registrations
+    and the worker thread's CUDA context belong to it, not to whatever device is current (0 in a new thread).
+    """
+
+    def __init__(self, client: ControlClient, rank: int, device: torch.device | None, timeout: float) -> None:
         self._client = client
         self._rank = rank
-        self._cuda = cuda
+        self._device = device
         self._timeout = timeout
-        self._stream = torch.cuda.Stream() if cuda else None
+        self._stream = torch.cuda.Stream(device) if device is not None else None
         self._maps: dict[int, tuple[str, _Mapping]] = {}
         self._jobs: queue.Queue[SnapshotJob | None] = queue.Queue()
         self._last: SnapshotJob | None = None
@@ -107,7 +115,7 @@ class CopyEngine:
             return
         self._wait(job.released, "copy the snapshot of step", job)
         if job.copied is not None:
-            torch.cuda.current_stream().wait_event(job.copied)
+            torch.cuda.current_stream(self._device).wait_event(job.copied)
 
     def drain(self) -> None:
         """Block until every submitted snapshot is committed locally."""
@@ -126,13 +134,28 @@ class CopyEngine:
             raise RuntimeError(f"ftmem: snapshot failed on rank {self._rank}: {self._error}") from self._error
 
     def close(self) -> None:
+        """Stop the worker and unmap the buffers; a worker that is still running may still copy into them, so
+        they stay mapped then (the process is shutting down anyway)."""
         self._jobs.put(None)
         self._thread.join(self._timeout)
-        for _, mapping in self._maps.values():
-            mapping.close()
+        if self._thread.is_alive():
+            log.warning("rank %d: the copy thread did not stop within %.0fs; leaving its %d buffers mapped",
+                        self._rank, self._timeout, len(self._maps))
+            return
+        with torch.cuda.device(self._device) if self._device is not None else nullcontext():
+            for name, mapping in self._maps.values():
+                try:
+                    mapping.close()
+                except Exception as exc:  # the others are still unmapped
+                    log.warning("rank %d: could not unmap %s: %s", self._rank, name, exc)
         self._maps.clear()
 
     def _loop(self) -> None:
+        if self._device is not None:
+            try:
+                torch.cuda.set_device(self._device)
+            except BaseException as exc:  # surfaced to training by _raise_error
+                self._error = exc
         while (job := self._jobs.get()) is not None:
             try:
                 if self._error is None:
@@ -149,7 +172,7 @@ class CopyEngine:
             return cached[1]
         if cached is not None:
             cached[1].close()
-        mapping = _Mapping(name, self._cuda)
+        mapping = _Mapping(name, self._device is not None)
         self._maps[index] = (name, mapping)
         return mapping
 
@@ -173,15 +196,21 @@ class CopyEngine:
         srcs = [src for e, src in zip(job.plan.entries, job.sources) if e.nbytes]
         if self._stream is None:
             half = len(srcs) // 2  # one fused call per half: no per-tensor Python overhead, GIL released
-            torch._foreach_copy_(dsts[:half], srcs[:half])
+            _foreach_copy(dsts[:half], srcs[:half])
             fault_point("mid_copy", job.step, self._rank)
-            torch._foreach_copy_(dsts[half:], srcs[half:])
+            _foreach_copy(dsts[half:], srcs[half:])
             job.released.set()
             return
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(job.ready)
-            torch._foreach_copy_(dsts, srcs, non_blocking=True)
-            job.copied = torch.cuda.Event()
+            _foreach_copy(dsts, srcs, non_blocking=True)
+            job.copied = torch.cuda.Event(blocking=True)  # its synchronize() sleeps instead of spinning a core
             job.copied.record(self._stream)
         job.released.set()
         job.copied.synchronize()
+
+
+def _foreach_copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor], non_blocking: bool = False) -> None:
+    """`torch._foreach_copy_`, which rejects empty lists: a snapshot may have a single tensor, or none."""
+    if srcs:
+        torch._foreach_copy_(dsts, srcs, non_blocking=non_blocking)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from ftmem.env import NodeEnv
 from ftmem.recovery.restore import restore_rank
 from ftmem.smp.layout import Descriptor
-from ftmem.snapshot.capture import Stateful, capture_state, unwrap
+from ftmem.snapshot.capture import Stateful, capture_state, snapshot_device, unwrap
 from ftmem.snapshot.connect import connect
 from ftmem.snapshot.copy import CopyEngine, SnapshotJob
 from ftmem.snapshot.plan import LayoutPlan
@@ -53,9 +53,9 @@ class Snapshotter:
         else:
             self._rank, self._world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         self._local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self._cuda = any(p.is_cuda for p in self._model.parameters())
+        self._device = snapshot_device(self._model)
         self._client = connect(NodeEnv.from_env(), self._timeout)
-        self._engine = CopyEngine(self._client, self._rank, self._cuda, self._timeout)
+        self._engine = CopyEngine(self._client, self._rank, self._device, self._timeout)
         self._hook = optimizer.register_step_pre_hook(lambda *_: self._engine.wait_released())
         self._plan: LayoutPlan | None = None
         self._epoch: int | None = None
@@ -89,9 +89,9 @@ class Snapshotter:
         descriptor = Descriptor(step, self._epoch, self._rank, self._world, self._plan.entries,
                                 meta).pack(self._plan.packed_entries)
         ready = None
-        if self._cuda:
+        if self._device is not None:  # the parameters' stream, which need not be the current device's
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(self._device))
         self._engine.submit(SnapshotJob(step, self._epoch, self._plan, sources, descriptor, ready))
 
     def wait(self) -> None:
