@@ -946,35 +946,43 @@ def test_lead_schedule_retries_a_failed_step_with_backoff_but_never_delays_a_new
 # ------------------------------------------------------------------------------------------ parity re-adoption
 
 
-def test_a_restarted_smp_takes_over_the_protected_parity_and_nothing_else():
+def test_a_restarted_smp_takes_over_the_kept_parity_and_nothing_else():
     from ftmem.smp.parity import ParityStore
 
     prefix = f"ftmem-unit-{uuid.uuid4().hex[:8]}.n0."
     try:
         first = ParityStore(prefix)
-        assert first.adopted is None
-        seg = first.work(5, 8192)
-        first.write(seg, 0, b"p" * 8192)
-        first.promote(5, b"meta of step 5")
+        assert first.adopted == []
+        for step, byte in ((4, b"o"), (5, b"p")):
+            first.write(first.work(step, 8192), 0, byte * 8192)
+            first.promote(step, f"meta of step {step}".encode())
+        first.retain({5})  # the next round started: the step before goes
         busy = first.work(6, 8192)  # a round in progress when the SMP dies
         first.write(busy, 0, b"x" * 100)
         del first  # killed: nothing closed or unlinked
 
         second = ParityStore(prefix)
-        assert second.adopted == (5, b"meta of step 5")
-        assert second.protected_step == 5 and second.read(5, 0, 8192) == b"p" * 8192
+        assert second.adopted == [(5, b"meta of step 5")]
+        assert second.kept_steps() == [5] and second.read(5, 0, 8192) == b"p" * 8192
         assert len(shm.list_segments(f"{prefix}parity")) == 1, "the unfinished round's slot must be removed"
-        nxt = second.work(7, 8192)
-        assert nxt.name != seg.name, "the next round must not overwrite the adopted parity"
-        second.drop_adopted()
-        assert second.protected_step is None and ParityStore(prefix).adopted is None
+        second.write(second.work(7, 8192), 0, b"q" * 8192)
+        second.promote(7, b"meta of step 7")
+        del second
 
         third = ParityStore(prefix)
-        third.promote(7, b"x")  # no round of step 7 in progress here: nothing recorded
-        assert ParityStore(prefix).adopted is None
+        assert third.adopted == [(7, b"meta of step 7"), (5, b"meta of step 5")], "both kept steps are taken over"
+        assert third.read(5, 0, 4) == b"pppp" and third.read(7, 0, 4) == b"qqqq"
+        with pytest.raises(RuntimeError, match="no free parity slot"):
+            third.work(8, 8192)
+        third.retain(set())
+        assert third.kept_steps() == [] and ParityStore(prefix).adopted == []
+
+        fourth = ParityStore(prefix)
+        fourth.promote(7, b"x")  # no round of step 7 in progress here: nothing recorded
+        assert ParityStore(prefix).adopted == []
         with open(os.path.join(shm.shm_dir(), f"{prefix}protected.meta"), "wb") as f:
             f.write(b"\xc1 not msgpack")
-        assert ParityStore(prefix).adopted is None, "a garbled record is ignored"
+        assert ParityStore(prefix).adopted == [], "a garbled record is ignored"
         ParityStore(prefix).close(unlink_all=True)
     finally:
         for name in shm.list_segments(prefix):
@@ -982,7 +990,9 @@ def test_a_restarted_smp_takes_over_the_protected_parity_and_nothing_else():
     assert shm.list_segments(prefix) == []
 
 
-def test_the_step_protected_before_stays_readable_until_the_next_round_claims_its_slot():
+def test_a_kept_parity_slot_is_never_claimed_by_a_round():
+    """The protected step and the one before stay readable until the Cluster stops retaining one; a round then
+    takes that slot, never a kept one."""
     from ftmem.smp.parity import ParityStore
 
     prefix = f"ftmem-unit-{uuid.uuid4().hex[:8]}.n0."
@@ -991,12 +1001,13 @@ def test_the_step_protected_before_stays_readable_until_the_next_round_claims_it
         for step, byte in ((5, b"a"), (6, b"b")):
             store.write(store.work(step, 4096), 0, byte * 4096)
             store.promote(step, b"meta")
-        assert store.protected_step == 6
+        assert store.kept_steps() == [6, 5]
         assert store.read(5, 0, 4) == b"aaaa" and store.read(6, 0, 4) == b"bbbb"
+        store.retain({5})  # a round falls back to step 5, which every node keeps: 6's slot is free
         store.work(7, 4096)
-        assert store.read(6, 0, 4) == b"bbbb"
+        assert store.read(5, 0, 4) == b"aaaa"
         with pytest.raises(KeyError):
-            store.read(5, 0, 4)
+            store.read(6, 0, 4)
     finally:
         store.close(unlink_all=True)
     assert shm.list_segments(prefix) == []

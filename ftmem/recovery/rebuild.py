@@ -31,18 +31,25 @@ def newest_protected(members: tuple[int, ...], node: int, link_to: Callable[[int
     may have told only some of them). Without such a step, the newest any of them keeps: its rebuild then names
     what is missing."""
     kept: list[dict[int, GroupMeta]] = []
+    silent = []
     for m in members:
         link = link_to(m) if m != node else None
         if link is None:
+            if m != node:
+                silent.append(m)
             continue
         try:
             _, blobs = link.request("ec_status", timeout)
         except (TimeoutError, RuntimeError):
+            silent.append(m)
             continue
         metas = {meta.step: meta for meta in map(GroupMeta.unpack, blobs) if node in meta.members}
         if metas:
             kept.append(metas)
     if not kept:
+        if len(silent) == len(members) - 1:
+            log.warning("no member of EC group %s answered; with nothing to rebuild from, node %d starts empty "
+                        "(its ranks cannot restore a step the group protected meanwhile)", list(members), node)
         return None
     newest = max(s for metas in kept for s in metas)
     step = max(set.intersection(*(set(metas) for metas in kept)), default=newest)
@@ -56,7 +63,8 @@ def rebuild_node(meta: GroupMeta, node: int, data: NodeData, parity: ParityStore
     """Fill `data` (this node's rank buffers, already sized) and a parity slot for `meta.step`."""
     layout, me = meta.layout, meta.members.index(node)
     seg = parity.work(meta.step, layout.parity_bytes(me))
-    alive = {i: link_to(m) for i, m in enumerate(meta.members) if m != node and link_to(m) is not None}
+    links = {i: link_to(m) for i, m in enumerate(meta.members) if m != node}
+    alive = {i: link for i, link in links.items() if link is not None}
     mine = sorted(set(layout.data_stripes(me)) | set(layout.parity_stripes(me)))
     per_batch = max(1, BATCH_BYTES // layout.chunk_size)  # each member sends at most one chunk per stripe
 

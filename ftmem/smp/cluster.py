@@ -15,8 +15,10 @@ moved rank's payload), which run on one worker thread with its own peer links an
   the round fails. Either way encoding never blocks training.
 - **The step before.** The leader tells the nodes a round's result one by one; dying in between, it leaves some
   nodes holding the step as protected and others not. So a node also keeps the step protected before (its data
-  and parity) until the next round starts, which the leader begins only after telling every node: the group can
-  always rebuild a lost node at the newest step that all its survivors hold.
+  and parity) until the next round starts: the group can always rebuild a lost node at the newest step that all
+  its survivors hold. Each round names that step (`base`, from the nodes' reports, which the leader lets settle
+  after announcing a result): a node keeps it, falling back to it if it had learnt of a newer one, and drops
+  the other; a node that does not keep it fails the round and drops nothing.
 - **Rebuild.** A node that starts with nothing asks its group for the newest protected step and rebuilds its
   data and parity before its ranks may restore.
 """
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
 log = get_logger("smp")
 HEARTBEAT_S = 1.0
 PEER_TIMEOUT_S = max(5.0, 5 * HEARTBEAT_S)  # a peer silent this long (on the clock of `Cluster.alive`) is gone
+SETTLE_S = PEER_TIMEOUT_S  # how long a leader waits for every node to report the result it announced
 HANDLE_BUDGET_S = 0.2 * HEARTBEAT_S
 PROBE_S = PEER_TIMEOUT_S  # how long the SMP that published this node's id may take to answer, if it lives
 RETRY_S, RETRY_MAX_S = 1.0, 30.0  # a failed round's step is led again after this, doubling while rounds fail
@@ -81,6 +84,7 @@ class _Peer:
     last_seen: float | None = None
     committed: int = -1
     protected: int = -1
+    previous: int = -1       # the step protected before, which it keeps until the next round starts
     rebuilding: bool = True  # until its first report: a new incarnation may be a replacement that rebuilds
     reported: bool = False   # what its ranks hold is known (an ec_start also proves it alive, but says nothing)
 
@@ -107,7 +111,10 @@ class _MemberRound:
     leader: int
     deadline: float
     pinned: bool           # the step's buffers may not be reused during the round
-    aborted: bool = False  # a rank reused one of them: the round must fail
+    token: int             # tells this round's encode job from a stale one of the same step
+    aborted: bool = False  # a rank reused one of them (or the job restarted before it): the round must fail
+    meta: GroupMeta | None = None  # once encoded: what this node's parity was computed over
+    reported_ok: bool = False      # ec_done(ok) sent: a later abort must tell the leader
 
 
 class LeadSchedule:
@@ -165,9 +172,10 @@ class Cluster:
         self.previous: GroupMeta | None = None  # of the step protected before, kept until the next round starts
         self.protected: int | None = None
         self.member_round: _MemberRound | None = None
+        self._rounds = 0  # member rounds taken part in: their tokens
         self.leading: _Round | None = None
+        self._announced: tuple[int, float] | None = None  # (step, clock) of the last protected step announced
         self.schedule = LeadSchedule()
-        self.pending_meta: GroupMeta | None = None  # of the round this node finished last
         self.stats: dict[str, Any] = {"rounds_ok": 0, "rounds_failed": 0, "last_round_s": None,
                                       "last_round_step": None, "last_round_bytes": 0, "rebuild_s": None, "lag_steps": 0}
         self._next_heartbeat = 0.0
@@ -218,9 +226,15 @@ class Cluster:
         self.codec = PeerCodec(secret, self.d.env.job, self.node)
         self.links = Links(self.codec)
         self.sock = peer_socket(zmq.ROUTER, ipv6=":" in self.cfg.peer_host)
-        port = self.sock.bind_to_random_port(tcp_address(self.cfg.peer_host))
-        endpoint = tcp_address(self.cfg.peer_host, port)
-        self.directory.publish(endpoint, self.incarnation)
+        try:
+            port = self.sock.bind_to_random_port(tcp_address(self.cfg.peer_host))
+            endpoint = tcp_address(self.cfg.peer_host, port)
+            self.directory.publish(endpoint, self.incarnation)
+        except Exception as exc:  # an address not of this host, the store gone: the ranks must hear why
+            self.sock.close(0)
+            self.sock = None
+            self._join_failed(f"cannot serve its peers at {self.cfg.peer_host}: {type(exc).__name__}: {exc}")
+            return
         self.directory.start()
         self.ready = True
         log.info("peer endpoint %s; EC group %s with %d parity", endpoint, list(self.members), self.cfg.ec_parity)
@@ -231,23 +245,23 @@ class Cluster:
             self.jobs.put(("probe",))
 
     def _readopt_parity(self) -> None:
-        """A restarted SMP keeps the group protected: the parity its previous incarnation left is taken over
-        when it was computed for this group and this node's re-adopted snapshots are still what it encoded."""
-        if self.parity.adopted is None:
-            return
-        step, meta_bytes = self.parity.adopted
-        try:
-            self.meta = meta = GroupMeta.unpack(meta_bytes)
-            if meta.step != step or meta.members != self.members or meta.f != self.cfg.ec_parity:
-                raise LookupError(f"it was computed for EC group {list(meta.members)} with {meta.f} parity")
-            self._node_data(step)  # LookupError unless this node's data of the step is what was encoded
-        except (LookupError, ValueError, TypeError) as exc:
-            log.warning("not re-adopting the parity of step %d: %s", step, exc)
-            self.meta = None
-            self.parity.drop_adopted()
-            return
-        self.protected = step
-        log.info("re-adopted the parity of protected step %d", step)
+        """A restarted SMP keeps the group protected: the parity its previous incarnation kept (the protected
+        step, and the one before) is taken over when it was computed for this group and this node's re-adopted
+        snapshots are still what it encoded."""
+        valid = []
+        for step, meta_bytes in self.parity.adopted:
+            try:
+                meta = GroupMeta.unpack(meta_bytes)
+                if meta.step != step or meta.members != self.members or meta.f != self.cfg.ec_parity:
+                    raise LookupError(f"it was computed for EC group {list(meta.members)} with {meta.f} parity")
+                self._node_data(step, meta)  # LookupError unless this node's data of the step is what was encoded
+            except (LookupError, ValueError, TypeError) as exc:
+                log.warning("not re-adopting the parity of step %d: %s", step, exc)
+                continue
+            valid.append(meta)
+            log.info("re-adopted the parity of protected step %d", step)
+        self._keep_protected(valid[0] if valid else None,
+                             valid[1] if len(valid) > 1 and self._spare_buffers() else None)
 
     # ---- event loop hooks ------------------------------------------------------------------------------------
 
@@ -350,7 +364,8 @@ class Cluster:
         complete = [[rank, s, e] for rank, rb in self.d.store.ranks.items() for s, e in rb.complete()]
         fields = dict(epoch=self.d.tracker.epoch,
                       committed=-1 if self.d.tracker.committed is None else self.d.tracker.committed,
-                      protected=-1 if self.protected is None else self.protected, rebuilding=self.rebuilding,
+                      protected=-1 if self.protected is None else self.protected,
+                      previous=-1 if self.previous is None else self.previous.step, rebuilding=self.rebuilding,
                       complete=complete)
         for node in self.peers if nodes is None else nodes:
             self._send(node, "report", **fields)
@@ -359,7 +374,8 @@ class Cluster:
         peer = self.peers.get(msg["from"])
         if peer is None:
             return
-        peer.last_seen, peer.committed, peer.protected = self.clock, msg["committed"], msg["protected"]
+        peer.last_seen, peer.committed = self.clock, msg["committed"]
+        peer.protected, peer.previous = msg["protected"], msg["previous"]
         peer.rebuilding, peer.reported = msg["rebuilding"], True
         by_rank: dict[int, set[tuple[int, int]]] = {}
         for rank, step, epoch in msg["complete"]:
@@ -379,13 +395,14 @@ class Cluster:
 
     def keep(self) -> frozenset[int]:
         """Steps local buffers must keep: the protected one, the one before until the next round starts, and a
-        running round's step when it is pinned (never more than two at once)."""
-        steps = {self.protected} if self.protected is not None else set()
-        if self.previous is not None:
-            steps.add(self.previous.step)
+        running round's step when it is pinned (never more than two at once: a round starts keeping one)."""
+        steps = set(self._kept_steps())
         if self.member_round is not None and self.member_round.pinned:
             steps.add(self.member_round.step)
         return frozenset(steps)
+
+    def _kept_steps(self) -> set[int]:
+        return {m.step for m in (self.meta, self.previous) if m is not None}
 
     def in_use(self) -> frozenset[int] | None:
         """Steps of this node's data the erasure code may still read: the protected one (to rebuild a member)
@@ -395,9 +412,32 @@ class Cluster:
         return self.keep() | ({self.member_round.step} if self.member_round is not None else set())
 
     def buffer_taken(self, step: int | None) -> None:
-        """A rank is about to overwrite a buffer holding `step`."""
-        if self.member_round is not None and step == self.member_round.step:
-            self.member_round.aborted = True
+        """A rank is about to overwrite a buffer holding `step`: a round of it fails, also when this node already
+        told the leader it succeeded (the other nodes must not promote a step whose data is gone here)."""
+        mr = self.member_round
+        if mr is not None and step == mr.step and not mr.aborted:
+            mr.aborted = True
+            if mr.reported_ok:
+                self._send(mr.leader, "ec_done", step=step, ok=False,
+                           detail=f"a buffer of step {step} on node {self.node} was reused before the round ended")
+
+    def restarted_at(self, step: int | None) -> None:
+        """The job restarts after `step` (a restore): the ranks drop their snapshots of later steps, so neither a
+        later protected step (this node may have learnt of one that others did not) nor a round of one stays."""
+        if self.member_round is not None and (step is None or self.member_round.step > step):
+            self.buffer_taken(self.member_round.step)
+        kept = [m for m in (self.meta, self.previous) if m is not None and step is not None and m.step <= step]
+        if len(kept) != len(self._kept_steps()):
+            log.info("the job restarts after step %s: protected steps %s are dropped here", step,
+                     sorted(self._kept_steps() - {m.step for m in kept}))
+            self._keep_protected(kept[0] if kept else None, kept[1] if len(kept) > 1 else None)
+            self.broadcast_report()
+
+    def _keep_protected(self, meta: GroupMeta | None, previous: GroupMeta | None) -> None:
+        """The one place the kept protected steps change: the protected step, the one before, and their parity."""
+        self.meta, self.previous = meta, previous
+        self.protected = None if meta is None else meta.step
+        self.parity.retain(self._kept_steps())
 
     def _spare_buffers(self) -> bool:
         """Whether the ranks' buffers leave two for double buffering while two more steps are kept: four do."""
@@ -408,8 +448,9 @@ class Cluster:
         before)."""
         return next((m for m in (self.meta, self.previous) if m is not None and m.step == step), None)
 
-    def _round_aborted(self, step: int) -> bool:
-        return self.member_round is None or self.member_round.step != step or self.member_round.aborted
+    def _round_aborted(self, token: int) -> bool:
+        mr = self.member_round
+        return mr is None or mr.token != token or mr.aborted
 
     def _leader(self) -> int:
         return min(m for m in self.nodes if self.alive(m))
@@ -436,12 +477,28 @@ class Cluster:
         if not all(self.alive(m) for m in self.nodes) or any(self.peers[m].rebuilding for m in self.nodes
                                                               if m != self.node):
             return  # a node being rebuilt could not take part; once rebuilt it reports, and the round starts
+        base = self._base()
+        if base is None:
+            return
         self.leading = _Round(committed, now + self.d.timeout,
                               {m: self.incarnation if m == self.node else self.peers[m].incarnation
                                for m in self.nodes})
         self.schedule.started(committed)
         for m in self.nodes:
-            self._send(m, "ec_start", step=committed)
+            self._send(m, "ec_start", step=committed, base=base)
+
+    def _base(self) -> int | None:
+        """The newest step every node keeps protected, as their reports say (-1: none); None while the nodes may
+        not have reported the result this leader announced last yet (for at most SETTLE_S), so that a round
+        does not take them back to the step before for nothing."""
+        views = [self._kept_steps()] + [{self.peers[m].protected, self.peers[m].previous} - {-1}
+                                        for m in self.nodes if m != self.node]
+        if self._announced is not None:
+            step, at = self._announced
+            if self.clock - at < SETTLE_S and any(step not in v for v in views):
+                return None
+            self._announced = None
+        return max(set.intersection(*views), default=-1)
 
     def _note_absent(self) -> None:
         """Say so (every node, in its own log) while the job lacks nodes and has a committed step to protect: a
@@ -468,26 +525,34 @@ class Cluster:
         delay = self.schedule.finished(ok, time.monotonic())
         if delay is not None:
             log.info("EC round of step %d failed; unless a newer step commits, it is led again in %.0fs", step, delay)
+        if ok:
+            self._announced = (step, self.clock)
         for m in self.nodes:
             self._send(m, "ec_result", step=step, ok=ok)
             fault_point("smp_ec_result_sent", step)
 
-    def _on_ec_start(self, step: int, leader: int) -> None:
+    def _on_ec_start(self, step: int, base: int, leader: int) -> None:
         peer = self.peers.get(leader)
         if peer is not None and peer.last_seen is None:
             # a leader this (restarted) SMP has not heard a report from yet is alive: it just sent this. Without
             # this the round would be abandoned at the next tick and the leader wait out its whole timeout.
             peer.last_seen = self.clock
-        if self.rebuilding:
-            self._send(leader, "ec_done", step=step, ok=False, detail=f"node {self.node} is still being rebuilt")
+        kept = {m.step: m for m in (self.meta, self.previous) if m is not None}
+        if self.rebuilding or (base >= 0 and base not in kept):
+            self._send(leader, "ec_done", step=step, ok=False, detail=f"node {self.node} is still being rebuilt"
+                       if self.rebuilding else f"node {self.node} keeps steps {sorted(kept)}, not step {base}")
             return
         if self.member_round is not None:
             log.warning("EC round of step %d starts while step %d is still running; abandoning that",
                         step, self.member_round.step)
-        self.previous = None  # the leader told every node the last result before this: all of them protect it
+        if base >= 0 and base != self.protected:
+            log.warning("step %s was not protected on every node (a leader did not tell them all); back to step "
+                        "%d, which every node keeps", self.protected, base)
+        self._keep_protected(kept.get(base, self.meta), None)  # every node keeps `base`: the other step can go
+        self._rounds += 1
         self.member_round = _MemberRound(step, leader, time.monotonic() + self.d.timeout,
-                                         pinned=self._spare_buffers())
-        self.jobs.put(("encode", step))
+                                         pinned=self._spare_buffers(), token=self._rounds)
+        self.jobs.put(("encode", step, self._rounds))
 
     def _on_ec_done(self, msg: dict[str, Any]) -> None:
         if self.leading is None or msg["step"] != self.leading.step:
@@ -501,16 +566,19 @@ class Cluster:
             self._finish_round(True)
 
     def _on_ec_result(self, step: int, ok: bool) -> None:
+        mr = self.member_round
+        if mr is None or mr.step != step:
+            return  # a round this node abandoned (its data may be gone): it never promotes it
+        self.member_round = None
         self.stats["rounds_ok" if ok else "rounds_failed"] += 1
-        if ok and self.pending_meta is not None and self.pending_meta.step == step:
+        if ok and mr.meta is not None and not mr.aborted:
             committed = self.d.tracker.committed
             self.stats["lag_steps"] = 0 if committed is None else committed - step
-            self.parity.promote(step, self.pending_meta.pack())
-            self.previous = self.meta if self._spare_buffers() else None
-            self.meta, self.protected = self.pending_meta, step
+            self.parity.promote(step, mr.meta.pack())
+            before = self.meta if self._spare_buffers() and self.meta is not None and self.meta.step != step else None
+            self._keep_protected(mr.meta, before)
             log.debug("step %d is protected (EC group %s)", step, list(self.members))
-        if self.member_round is not None and self.member_round.step == step:
-            self.member_round = None
+            self.broadcast_report()  # the leader waits for every node's before it leads the next round
         self.d.on_commit_state_changed()
 
     # ---- the worker thread -----------------------------------------------------------------------------------
@@ -546,11 +614,13 @@ class Cluster:
         bound = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return bound.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")  # a wildcard: reach it on loopback
 
-    def _job_encode(self, link_to, step: int) -> dict:
+    def _job_encode(self, link_to, step: int, token: int) -> dict:
+        if self._round_aborted(token):  # superseded while queued: it must not claim a parity slot
+            raise RuntimeError(f"round of step {step} superseded before it started")
         start = time.perf_counter()
         meta = encode_round(step, self.node, self.members, self.cfg.ec_parity, link_to, self.parity,
-                            self.d.timeout, lambda: self._round_aborted(step))
-        return {"ev": "encoded", "step": step, "meta": meta.pack(), "seconds": time.perf_counter() - start}
+                            self.d.timeout, lambda: self._round_aborted(token))
+        return {"ev": "encoded", "token": token, "meta": meta.pack(), "seconds": time.perf_counter() - start}
 
     def _job_probe(self, link_to) -> dict:
         deadline = time.monotonic() + min(self.d.timeout, 30.0)
@@ -603,18 +673,14 @@ class Cluster:
             log.warning("the job's rendezvous store at %s is not reachable yet (%s); still trying", self.cfg.store,
                         ev["error"])
         elif kind == "connect_failed":
-            self.join_error = ev["error"]
-            log.error("this SMP cannot join its EC group (rendezvous store %s): %s", self.cfg.store, self.join_error)
-            self.rebuilding = False
-            self.d.on_commit_state_changed()
+            self._join_failed(f"rendezvous store {self.cfg.store}: {ev['error']}")
         elif kind == "encoded":
-            self.pending_meta = GroupMeta.unpack(ev["meta"])
-            self.stats["last_round_s"], self.stats["last_round_step"] = ev["seconds"], ev["step"]
-            self.stats["last_round_bytes"] = sum(self.pending_meta.layout.sizes)
-            ok = not self._round_aborted(ev["step"])
-            self._report_round(ev["step"], ok, "" if ok else "a local buffer was reused during the round")
+            meta = GroupMeta.unpack(ev["meta"])
+            self.stats["last_round_s"], self.stats["last_round_step"] = ev["seconds"], meta.step
+            self.stats["last_round_bytes"] = sum(meta.layout.sizes)
+            self._report_round(ev["token"], meta, "")
         elif kind == "encode_failed":
-            self._report_round(ev["args"][0], False, ev["error"])
+            self._report_round(ev["args"][1], None, ev["error"])
         elif kind == "probed":
             self._start_rebuild(ev["meta"])
         elif kind == "rebuilt":
@@ -629,10 +695,21 @@ class Cluster:
         elif kind in ("transfer_lookup_failed", "transfer_failed"):
             self.d.fail_transfer(ev["args"][0], ev["args"][1], ev["error"])
 
-    def _report_round(self, step: int, ok: bool, detail: str) -> None:
+    def _join_failed(self, error: str) -> None:
+        self.join_error = error
+        log.error("this SMP cannot join its EC group: %s", error)
+        self.rebuilding = False
+        self.d.on_commit_state_changed()
+
+    def _report_round(self, token: int, meta: GroupMeta | None, error: str) -> None:
+        """Tell the leader how this node's part of the round `token` ended (`meta`: encoded; else `error`)."""
         mr = self.member_round
-        if mr is not None and mr.step == step:
-            self._send(mr.leader, "ec_done", step=step, ok=ok, detail=detail)
+        if mr is None or mr.token != token:
+            return  # superseded or abandoned meanwhile
+        mr.meta = meta
+        mr.reported_ok = ok = meta is not None and not mr.aborted
+        detail = "" if ok else error or "a local buffer was reused during the round"
+        self._send(mr.leader, "ec_done", step=mr.step, ok=ok, detail=detail)
 
     def _start_rebuild(self, meta_bytes: bytes | None) -> None:
         if meta_bytes is None:
@@ -672,7 +749,8 @@ class Cluster:
                 Header.unpack(header_bytes), origin=f"erasure code of EC group {list(meta.members)}")
             self.d.refresh_rank(rank)
         self.parity.promote(meta.step, meta.pack())
-        self.meta, self.protected, self.rebuilding = meta, meta.step, False
+        self._keep_protected(meta, None)
+        self.rebuilding = False
         self.stats["rebuild_s"] = time.monotonic() - self._rebuild_started
         log.info("rebuilt node %d's snapshot of step %d in %.2fs", self.node, meta.step, self.stats["rebuild_s"])
         self.broadcast_report()
@@ -715,7 +793,7 @@ class Cluster:
         if op == "report":
             self._on_report(msg)
         elif op == "ec_start":
-            self._on_ec_start(msg["step"], msg["from"])
+            self._on_ec_start(msg["step"], msg["base"], msg["from"])
         elif op == "ec_done":
             self._on_ec_done(msg)
         elif op == "ec_result":
@@ -730,9 +808,10 @@ class Cluster:
         reply = self.codec.pack("reply", req_id, blobs, ok=not error, error=error, body=b"")
         self.sock.send_multipart([identity, *reply], copy=False)
 
-    def _node_data(self, step: int) -> NodeData:
+    def _node_data(self, step: int, meta: GroupMeta | None = None) -> NodeData:
         """This node's data of `step` as the code sees it; LookupError unless it is whole and still the data the
-        group encoded (a reader that gets it ignores this member: its block counts as lost)."""
+        group encoded (`meta`, by default that of a kept step; a reader that gets the error ignores this member:
+        its block counts as lost)."""
         if self.rebuilding:
             raise LookupError(f"node {self.node} is being rebuilt")
         mr = self.member_round
@@ -742,7 +821,7 @@ class Cluster:
                  if (buf := rb.holding(step)) is not None]
         if not parts:
             raise LookupError(f"node {self.node} holds no snapshot of step {step}")
-        meta = self._meta_of(step)
+        meta = meta or self._meta_of(step)
         if meta is not None:
             manifest = meta.manifests[meta.members.index(self.node)]
             coded = {rank for rank, _, _ in manifest}

@@ -276,6 +276,8 @@ class SnapshotDaemon:
             return None  # a transfer from a peer is under way
         if epoch > self.tracker.epoch or self.tracker.committed != restart:
             self.tracker.restart_at(restart, epoch)
+            if self.cluster is not None:
+                self.cluster.restarted_at(restart)
         for buf in rb.buffers:
             if buf.header.state != BufferState.EMPTY and (restart is None or buf.header.step > restart):
                 rb.invalidate(buf)
@@ -312,9 +314,19 @@ class SnapshotDaemon:
 
     def transfer_target(self, rank: int, header: Header, then: Callable[[Buffer], None]) -> None:
         """Size a buffer for a moved rank's snapshot fetched from a peer (its segment created off the event loop),
-        mark it WRITING and hand it to `then`; a shared-memory shortage fails the transfer."""
+        mark it WRITING and hand it to `then`; a shared-memory shortage fails the transfer. Never a buffer of a
+        step this node must keep (the committed one, or one the erasure code protects or is encoding)."""
         rb = self.store.of(rank)
-        target = rb.buffers[reusable([b.complete_step for b in rb.buffers], header.step, None)[0]]
+        steps = [b.complete_step for b in rb.buffers]
+        keep = self.cluster.keep() if self.cluster is not None else frozenset()
+        free = reusable(steps, self.tracker.committed, None, keep)
+        if not free:
+            self.fail_transfer(rank, header.step, f"every buffer of rank {rank} here holds a step that must stay "
+                                                  f"({sorted(s for s in steps if s is not None)})")
+            return
+        target = rb.buffers[free[0]]
+        if self.cluster is not None:
+            self.cluster.buffer_taken(target.complete_step)
         rb.invalidate(target)
 
         def sized() -> None:

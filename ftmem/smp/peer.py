@@ -39,11 +39,11 @@ _N = int  # readability of the schema below
 
 PEER_SCHEMA: dict[str, dict[str, type]] = {
     # node state, sent on every change and as a heartbeat: [[rank, step, epoch], ...]
-    "report": {"incarnation": str, "epoch": int, "committed": int, "protected": int, "rebuilding": bool,
-               "complete": list},
+    "report": {"incarnation": str, "epoch": int, "committed": int, "protected": int, "previous": int,
+               "rebuilding": bool, "complete": list},
     # erasure-coding rounds, driven by the group leader (like reports, they name the sender's incarnation: one
     # that was replaced, e.g. after a partition healed, is ignored)
-    "ec_start": {"incarnation": str, "step": _N},
+    "ec_start": {"incarnation": str, "step": _N, "base": int},  # base: the step every node keeps (-1: none)
     "ec_done": {"incarnation": str, "step": _N, "ok": bool, "detail": str},
     "ec_result": {"incarnation": str, "step": _N, "ok": bool},
     # reads served from shared memory (replies carry data as blobs)
