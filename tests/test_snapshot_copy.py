@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -145,3 +146,43 @@ def test_dtensor_parameters_are_refused_with_their_name_before_connecting(cluste
                           text=True, timeout=120, cwd=cluster.tmp, env={**cluster.env, "GLOO_SOCKET_IFNAME": "lo"})
     assert done.returncode != 0, done.stdout + done.stderr
     assert "NotImplementedError: ftmem: parameter '1.weight' is a DTensor" in done.stderr, done.stderr
+
+
+def test_a_snapshot_that_does_not_fit_the_live_objects_says_what_differs():
+    """Restoring into a model, optimizer or `extra` that changed since the snapshot names the mismatch instead
+    of a bare KeyError or zip's ValueError."""
+    from ftmem.snapshot.capture import apply_snapshot, capture_state
+
+    class Counter:
+        def __init__(self) -> None:
+            self.n = 1
+
+        def state_dict(self) -> dict:
+            return {"n": self.n}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.n = state["n"]
+
+    def trained(names: tuple[str, ...]) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = torch.nn.Sequential(OrderedDict((n, torch.nn.Linear(2, 2)) for n in names))
+        opt = torch.optim.Adam(model.parameters())
+        model(torch.ones(1, 2)).sum().backward()
+        opt.step()
+        return model, opt
+
+    model, opt = trained(("a",))
+    captured, meta = capture_state(0, model, opt, {"counter": Counter()})
+    tensors = {c.name: c.tensor.detach().clone() for c in captured}
+    assert apply_snapshot(tensors, meta, *trained(("a",)), {"counter": Counter()}) == 0
+
+    optim_only = {k: v for k, v in tensors.items() if k.startswith("optim.")}
+    other, other_opt = trained(("b",))
+    with pytest.raises(KeyError, match="disagree on optimizer parameter 'a.weight'"):
+        apply_snapshot({**optim_only, "model.b.weight": other.b.weight, "model.b.bias": other.b.bias}, meta,
+                       other, other_opt, {})
+    two, two_opt = trained(("a",))
+    two_opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(1))]})
+    with pytest.raises(ValueError, match="1 optimizer parameter group"):
+        apply_snapshot(tensors, meta, two, two_opt, {})
+    with pytest.raises(KeyError, match="disagree on extra object 'sampler'"):
+        apply_snapshot(tensors, meta, *trained(("a",)), {"sampler": Counter()})

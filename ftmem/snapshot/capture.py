@@ -128,32 +128,36 @@ def apply_snapshot(tensors: Mapping[str, torch.Tensor], meta_bytes: bytes, model
     with torch.no_grad():
         for name, t in model_state.items():
             if isinstance(t, torch.Tensor):
-                t.copy_(_require(tensors, f"model.{name}"))
+                t.copy_(_require(tensors, f"model.{name}", "tensor"))
     by_name = {name: (index, p) for index, name, p in _optimizer_slots(optimizer, _param_names(model_state))}
     state: dict[int, dict[str, Any]] = {}
     for key, t in tensors.items():
         if key.startswith("optim."):
             pname, skey = key[len("optim."):].rsplit(".", 1)
-            index, _ = by_name[pname]
+            index = _require(by_name, pname, "optimizer parameter")[0]
             state.setdefault(index, {})[skey] = t  # load_state_dict moves it to its device
     for key, value in meta["optim_scalars"].items():
         pname, skey = key.rsplit(".", 1)
-        state.setdefault(by_name[pname][0], {})[skey] = value
+        state.setdefault(_require(by_name, pname, "optimizer parameter")[0], {})[skey] = value
+    if len(meta["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"ftmem: the snapshot has {len(meta['param_groups'])} optimizer parameter group(s), the "
+                         f"optimizer {len(optimizer.param_groups)}; was it changed since the snapshot was taken?")
     groups, start = [], 0
-    for saved, live in zip(meta["param_groups"], optimizer.param_groups, strict=True):
+    for saved, live in zip(meta["param_groups"], optimizer.param_groups):
         groups.append({**saved, "params": list(range(start, start + len(live["params"])))})
         start += len(live["params"])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     for key, obj in extra.items():
-        obj.load_state_dict(meta["extra"][key])
+        obj.load_state_dict(_require(meta["extra"], key, "extra object"))
     _set_rng_state(meta["rng"])
     return int(meta["step"])
 
 
-def _require(tensors: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
-    if name not in tensors:
-        raise KeyError(f"ftmem: the snapshot has no tensor {name!r}; was the model changed since it was taken?")
-    return tensors[name]
+def _require(found: Mapping[str, Any], name: str, what: str) -> Any:
+    if name not in found:
+        raise KeyError(f"ftmem: the snapshot and the live objects disagree on {what} {name!r}; was the model, the "
+                       f"optimizer or `extra` changed since the snapshot was taken?")
+    return found[name]
 
 
 def _set_rng_state(rng: Mapping[str, Any]) -> None:
