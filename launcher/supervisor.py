@@ -13,6 +13,8 @@ from ftmem.log import get_logger
 from ftmem.smp.protocol import ControlClient, SmpError, SmpUnavailable
 
 log = get_logger("run")
+QUICK_EXIT_S = 10.0  # an SMP dying sooner after its start is crash-looping: its restarts back off
+BACKOFF_MAX_S = 10.0
 
 
 class SmpSupervisor:
@@ -22,6 +24,7 @@ class SmpSupervisor:
         self.timeout = timeout
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
+        self._spawned_at = 0.0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="ftmem-smp-watch", daemon=True)
         self.logfile = f"{runtime_dir()}/{env.job}.n{env.node}.smp.log"
@@ -32,6 +35,7 @@ class SmpSupervisor:
                 [sys.executable, "-m", "ftmem.smp", "--job-id", self.env.job, "--node", str(self.env.node),
                  "--parent-pid", str(os.getpid()), *self.smp_args],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True)
+        self._spawned_at = time.monotonic()
 
     def start(self) -> None:
         self._spawn()
@@ -61,6 +65,10 @@ class SmpSupervisor:
             client.close()
 
     def _watch(self) -> None:
+        """Restart the SMP when it dies: at once after a crash, with a backoff doubling from 0.5 s (to
+        BACKOFF_MAX_S) while it keeps dying within QUICK_EXIT_S of its start, so that an SMP that cannot run
+        does not take a core from training in a restart loop."""
+        quick = 0
         while not self._stopping.is_set():
             code = self.proc.poll()
             if code is None:
@@ -69,8 +77,13 @@ class SmpSupervisor:
             if self._stopping.is_set():
                 return
             self.restarts += 1
-            log.warning("SMP of node %d exited with code %s; restarting it (restart %d)", self.env.node, code,
-                        self.restarts)
+            ran = time.monotonic() - self._spawned_at
+            quick = quick + 1 if ran < QUICK_EXIT_S else 0
+            delay = min(BACKOFF_MAX_S, 0.5 * 2 ** (quick - 2)) if quick > 1 else 0.0
+            log.warning("SMP of node %d exited with code %s after %.1fs; restarting it%s (restart %d; see %s)",
+                        self.env.node, code, ran, f" in {delay:.1f}s" if delay else "", self.restarts, self.logfile)
+            if self._stopping.wait(delay):
+                return
             self._spawn()
 
     def stop(self, cleanup: bool) -> None:

@@ -96,3 +96,36 @@ def test_the_hang_watchdog_fires_once_per_hang_and_only_while_the_ranks_run_stea
     alive.discard(21)
     assert not beat.hung(ranks((3, 3), (60, 60), pids=(20, 22)))
     assert not beat.hung(ranks((3, 3), (60, 60), pids=(30, 31), closed=(True, True)))
+
+
+def test_an_smp_dying_at_start_is_restarted_with_a_backoff_not_in_a_loop(tmp_path, monkeypatch):
+    """The first restart after a quick death is immediate (a crash), the next ones back off: 0.5 s, 1 s, 2 s..."""
+    import subprocess
+    import sys
+    import time
+
+    from ftmem.env import NodeEnv
+    from ftmem.launcher import supervisor
+
+    monkeypatch.setenv("FTMEM_RUNTIME_DIR", str(tmp_path))
+    sup = supervisor.SmpSupervisor(NodeEnv("backoff", 0), [], timeout=10.0)
+    spawned = []
+
+    def spawn() -> None:  # an "SMP" that exits at once with an error
+        spawned.append(time.monotonic())
+        sup.proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+        sup._spawned_at = spawned[-1]
+
+    monkeypatch.setattr(sup, "_spawn", spawn)
+    spawn()
+    sup._thread.start()
+    try:
+        time.sleep(3.0)
+    finally:
+        sup._stopping.set()
+        sup._thread.join(15)
+        sup.proc.wait(15)
+    gaps = [b - a for a, b in zip(spawned, spawned[1:])]
+    assert 2 <= len(spawned) <= 4, f"{len(spawned)} starts in 3 s (gaps {gaps}): no backoff"
+    assert len(gaps) < 2 or gaps[1] >= 0.5, gaps
+    assert not sup._thread.is_alive()
