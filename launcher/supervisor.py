@@ -80,8 +80,8 @@ class SmpSupervisor:
             ran = time.monotonic() - self._spawned_at
             quick = quick + 1 if ran < QUICK_EXIT_S else 0
             delay = min(BACKOFF_MAX_S, 0.5 * 2 ** (quick - 2)) if quick > 1 else 0.0
-            log.warning("SMP of node %d exited with code %s after %.1fs; restarting it%s (restart %d; see %s)",
-                        self.env.node, code, ran, f" in {delay:.1f}s" if delay else "", self.restarts, self.logfile)
+            log.warning("SMP of node %d exited with code %s; restarting it (restart %d)%s: it ran %.1fs, see %s",
+                        self.env.node, code, self.restarts, f" in {delay:.1f}s" if delay else "", ran, self.logfile)
             if self._stopping.wait(delay):
                 return
             self._spawn()

@@ -724,7 +724,8 @@ def test_round_messages_of_a_replaced_incarnation_are_ignored(peers):
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     try:
-        for op, fields in [("ec_start", {"step": 0, "base": -1}), ("ec_result", {"step": 0, "ok": True})]:
+        for op, fields in [("ec_start", {"round": 1, "step": 0, "base": -1}),
+                           ("ec_result", {"round": 1, "step": 0, "ok": True})]:
             sock.send_multipart(stale.pack(op, 0, incarnation="1-stale", **fields), copy=False)
             c.wait_until(lambda: f"ignored {op!r} from node 1's incarnation 1-stale" in c.output(smp0), 30,
                          f"node 0 to ignore the stale {op}")

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from ftmem.smp import shm
-from ftmem.smp.cluster import Cluster, ClusterConfig, LeadSchedule, _Peer
+from ftmem.smp.cluster import SETTLE_S, Cluster, ClusterConfig, LeadSchedule, _Peer
 from ftmem.smp.commit import CommitTracker
 from ftmem.smp.parity import ParityStore
 from ftmem.smp.peer import PeerCodec
@@ -82,11 +82,11 @@ class Net:
         """The nodes' queued shares of a round: the parity slot claimed and written, success reported."""
         for c in self.nodes if nodes is None else [self.nodes[n] for n in nodes]:
             while c.jobs.items:
-                _, step, token = c.jobs.items.pop(0)
-                if c._round_aborted(token):
+                _, step, round_id = c.jobs.items.pop(0)
+                if c._round_aborted(round_id):
                     continue
                 c.parity.write(c.parity.work(step, 4096), 0, bytes([step % 256]) * 4096)
-                c._on_event({"ev": "encoded", "token": token, "meta": group_meta(step, self.nnodes).pack(),
+                c._on_event({"ev": "encoded", "round": round_id, "meta": group_meta(step, self.nnodes).pack(),
                              "seconds": 0.0})
 
     def commit(self, step: int) -> None:
@@ -110,8 +110,10 @@ class Net:
         self.lead()
         self.deliver()
         self.encode()
+        leader = self.nodes[0]
         for m in range(1, self.nnodes):  # their ec_done, handed over ahead of the queue
-            self.nodes[0]._on_ec_done({"op": "ec_done", "from": m, "step": step, "ok": True, "detail": ""})
+            leader._on_ec_done({"op": "ec_done", "from": m, "round": leader.leading.id, "step": step, "ok": True,
+                                "detail": ""})
         self.queue = [(frm, to, msg) for frm, to, msg in self.queue
                       if msg["op"] != "ec_done" and not (to == lost_to and msg["op"] == "ec_result")]
 
@@ -253,14 +255,10 @@ def test_a_node_that_lacks_the_step_the_leader_names_fails_the_round_and_drops_n
     net.round(1)
     net.round(2)
     node2 = net.nodes[2]
-    net.nodes[0].peers[2].previous = 9  # a view of node 2 that is wrong: the leader takes step 9 for common
-    net.nodes[0]._kept_steps = lambda: {2, 9}
-    net.nodes[0].peers[1].previous = 9
-    net.commit(3)
-    net.lead()
-    net.deliver()
-    assert net.nodes[0].leading is None and net.nodes[0].schedule.failures == 1, "the round failed at once"
-    assert node2._kept_steps() == {2, 1} and node2.member_round is None
+    node2._on_ec_start(7, 3, 9, 0)  # a leader whose view of node 2 was wrong: it names step 9
+    assert node2._kept_steps() == {2, 1} and node2.member_round is None and node2.jobs.items == []
+    (_, to, done), = net.queue
+    assert to == 0 and done["op"] == "ec_done" and not done["ok"] and "keeps steps [1, 2], not step 9" in done["detail"]
 
 
 def test_a_node_whose_buffer_is_reused_after_it_reported_success_fails_the_round(net_of):
@@ -295,13 +293,42 @@ def test_an_encode_job_of_a_superseded_round_never_claims_a_parity_slot(net_of):
     net = net_of()
     net.round(1)
     node1 = net.nodes[1]
-    node1._on_ec_start(2, 1, 0)
+    node1._on_ec_start(11, 2, 1, 0)
     stale = node1.jobs.items.pop()
-    node1._on_ec_start(2, 1, 0)  # the same step led again before the first job ran
+    node1._on_ec_start(12, 2, 1, 0)  # the same step led again before the first job ran
     with pytest.raises(RuntimeError, match="superseded"):
         node1._job_encode(None, *stale[1:])
-    node1._on_event({"ev": "encoded", "token": stale[2], "meta": group_meta(2, 3).pack(), "seconds": 0.0})
+    node1._on_event({"ev": "encoded", "round": stale[2], "meta": group_meta(2, 3).pack(), "seconds": 0.0})
     assert net.queue == [], "a stale job's result is not reported"
+
+
+def test_a_late_answer_to_an_earlier_round_of_the_same_step_is_not_taken_for_the_retry(net_of):
+    """A round of step 2 fails (node 2's part), and is led again. Node 1's success in the first round, arriving
+    late, must not count for the second: only its answer to the second round does."""
+    net = net_of()
+    net.round(1)
+    net.commit(2)
+    net.lead()
+    net.deliver()
+    leader = net.nodes[0]
+    first = leader.leading.id
+    net.encode((0, 1))
+    late = [m for m in net.queue if m[2]["op"] == "ec_done"]  # node 1's success, held back
+    net.queue = [m for m in net.queue if m[2]["op"] != "ec_done"]
+    leader._on_ec_done({"op": "ec_done", "from": 2, "round": first, "step": 2, "ok": False, "detail": "no room"})
+    net.deliver()
+    net.nodes[2].jobs.items.clear()
+    leader.schedule.retry_at = 0.0  # the retry is due
+    net.lead()
+    assert leader.leading is not None and leader.leading.id != first
+    net.deliver()
+    net.encode((0, 2))
+    net.queue = late + net.queue
+    net.deliver()
+    assert leader.leading is not None, "node 1 has not answered the second round yet"
+    net.encode((1,))
+    net.deliver()
+    assert [c.protected for c in net.nodes] == [2, 2, 2] and net.common() == {2, 1}
 
 
 def test_a_restore_drops_the_protected_steps_after_the_restored_one(net_of):
@@ -314,3 +341,25 @@ def test_a_restore_drops_the_protected_steps_after_the_restored_one(net_of):
     for c in net.nodes:
         c.restarted_at(None)
     assert net.common() == set() and [c.parity.kept_steps() for c in net.nodes] == [[], [], []]
+
+
+def test_a_corrupt_snapshot_of_a_kept_step_is_no_longer_offered(net_of):
+    """A rank found its snapshot of the protected step corrupt: the node keeps only the step before, says so in
+    its report, and the next round falls back to the step every node keeps."""
+    net = net_of()
+    net.round(1)
+    net.round(2)
+    node1 = net.nodes[1]
+    node1.data_lost(2)
+    assert node1._kept_steps() == {1} and node1.parity.kept_steps() == [1]
+    net.deliver()
+    assert net.nodes[0].peers[1].protected == 1 and net.common() == {1}
+    net.commit(3)
+    net.lead()
+    assert net.nodes[0].leading is None, "within SETTLE_S the leader waits for node 1 to report step 2"
+    net.nodes[0].clock += SETTLE_S
+    for c in net.nodes:  # heartbeats meanwhile
+        c.broadcast_report()
+    net.deliver()
+    net.round(3)
+    assert [c.protected for c in net.nodes] == [3, 3, 3] and net.common() == {3, 1}

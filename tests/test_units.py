@@ -1015,7 +1015,8 @@ def test_a_kept_parity_slot_is_never_claimed_by_a_round():
 
 def test_a_rebuild_takes_the_newest_step_every_surviving_member_keeps():
     """A leader died announcing step 6 to node 1 only: node 1 keeps 6 and 5, node 2 still 5 (and 4). Node 0 is
-    rebuilt at 5. A member being rebuilt itself (no answer) does not count; with nothing in common, the newest."""
+    rebuilt at 5. A member being rebuilt itself (no answer) does not count; with nothing in common, the newest.
+    The job's other groups count too: told after this one, they may keep only the step before."""
     from ftmem.recovery.rebuild import newest_protected
     from ftmem.smp.protect import GroupMeta
 
@@ -1030,15 +1031,18 @@ def test_a_rebuild_takes_the_newest_step_every_surviving_member_keeps():
             assert op == "ec_status"
             return {}, [meta(s).pack() for s in self.steps]
 
-    def newest(**kept) -> int | None:
+    def newest(job_kept: set[int] | None = None, **kept) -> int | None:
         links = {int(k[1:]): Link(v) for k, v in kept.items()}
-        found = newest_protected((0, 1, 2, 3), 0, links.get, 1.0)
+        found = newest_protected((0, 1, 2, 3), 0, links.get, 1.0, job_kept)
         return None if found is None else found.step
 
     assert newest(n1=[6, 5], n2=[5, 4], n3=[]) == 5
     assert newest(n1=[6, 5], n2=[6, 5], n3=[6, 5]) == 6
     assert newest(n1=[6], n2=[4]) == 6
     assert newest(n3=[]) is None
+    assert newest({5}, n1=[6, 5], n2=[6, 5], n3=[6, 5]) == 5, "the other groups keep only step 5"
+    assert newest({6, 5}, n1=[6, 5], n2=[6, 5], n3=[6, 5]) == 6
+    assert newest({3}, n1=[6, 5], n2=[6, 5], n3=[6, 5]) == 6, "nothing in common with the job: the group's newest"
 
 
 # ------------------------------------------------------------------------------------------------ fault drills

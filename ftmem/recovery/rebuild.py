@@ -25,11 +25,13 @@ class RebuildError(RuntimeError):
 
 
 def newest_protected(members: tuple[int, ...], node: int, link_to: Callable[[int], PeerLink | None],
-                     timeout: float) -> GroupMeta | None:
+                     timeout: float, job_kept: set[int] | None = None) -> GroupMeta | None:
     """The newest protected step, including this node, that every live group member that answers keeps (each
     keeps its protected step and, until the next round, the one before: a leader that died announcing a step
-    may have told only some of them). Without such a step, the newest any of them keeps: its rebuild then names
-    what is missing."""
+    may have told only some of them), and among those one that the other nodes of the job keep too
+    (`job_kept`, from their reports: the leader tells the groups one after another, and every rank must find
+    the restored step). Without such a step, the newest any of them keeps: its rebuild then names what is
+    missing."""
     kept: list[dict[int, GroupMeta]] = []
     silent = []
     for m in members:
@@ -52,9 +54,11 @@ def newest_protected(members: tuple[int, ...], node: int, link_to: Callable[[int
                         "(its ranks cannot restore a step the group protected meanwhile)", list(members), node)
         return None
     newest = max(s for metas in kept for s in metas)
-    step = max(set.intersection(*(set(metas) for metas in kept)), default=newest)
+    common = set.intersection(*(set(metas) for metas in kept))
+    step = max(common & job_kept or common, default=newest) if job_kept is not None else max(common, default=newest)
     if step < newest:
-        log.info("rebuilding at step %d, the newest that every surviving group member keeps", step)
+        log.info("rebuilding at step %d, the newest that every surviving group member keeps%s", step,
+                 " and the job's other nodes too" if job_kept is not None and step in job_kept else "")
     return next(metas[step] for metas in kept if step in metas)
 
 

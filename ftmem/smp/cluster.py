@@ -26,6 +26,7 @@ moved rank's payload), which run on one worker thread with its own peer links an
 from __future__ import annotations
 
 import queue
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -97,6 +98,7 @@ class _Peer:
 class _Round:
     """A round this node leads."""
 
+    id: int  # random: messages of an earlier round of the same step are never taken for this one's
     step: int
     deadline: float
     incarnations: dict[int, str]  # of the nodes when it started: a node that restarts fails the round
@@ -111,7 +113,7 @@ class _MemberRound:
     leader: int
     deadline: float
     pinned: bool           # the step's buffers may not be reused during the round
-    token: int             # tells this round's encode job from a stale one of the same step
+    round: int             # the leader's id of the round: tells it from an earlier one of the same step
     aborted: bool = False  # a rank reused one of them (or the job restarted before it): the round must fail
     meta: GroupMeta | None = None  # once encoded: what this node's parity was computed over
     reported_ok: bool = False      # ec_done(ok) sent: a later abort must tell the leader
@@ -172,7 +174,6 @@ class Cluster:
         self.previous: GroupMeta | None = None  # of the step protected before, kept until the next round starts
         self.protected: int | None = None
         self.member_round: _MemberRound | None = None
-        self._rounds = 0  # member rounds taken part in: their tokens
         self.leading: _Round | None = None
         self._announced: tuple[int, float] | None = None  # (step, clock) of the last protected step announced
         self.schedule = LeadSchedule()
@@ -242,6 +243,7 @@ class Cluster:
             self.rebuilding = False
             self._readopt_parity()
         else:
+            self.parity.retain(())  # nothing to take over: the node's data, and its parity, are rebuilt
             self.jobs.put(("probe",))
 
     def _readopt_parity(self) -> None:
@@ -418,7 +420,7 @@ class Cluster:
         if mr is not None and step == mr.step and not mr.aborted:
             mr.aborted = True
             if mr.reported_ok:
-                self._send(mr.leader, "ec_done", step=step, ok=False,
+                self._send(mr.leader, "ec_done", round=mr.round, step=step, ok=False,
                            detail=f"a buffer of step {step} on node {self.node} was reused before the round ended")
 
     def restarted_at(self, step: int | None) -> None:
@@ -426,11 +428,22 @@ class Cluster:
         later protected step (this node may have learnt of one that others did not) nor a round of one stays."""
         if self.member_round is not None and (step is None or self.member_round.step > step):
             self.buffer_taken(self.member_round.step)
+        self.schedule.node_restarted()  # lead the newest committed step again, though older than the last led
         kept = [m for m in (self.meta, self.previous) if m is not None and step is not None and m.step <= step]
         if len(kept) != len(self._kept_steps()):
             log.info("the job restarts after step %s: protected steps %s are dropped here", step,
                      sorted(self._kept_steps() - {m.step for m in kept}))
             self._keep_protected(kept[0] if kept else None, kept[1] if len(kept) > 1 else None)
+            self.broadcast_report()
+
+    def data_lost(self, step: int) -> None:
+        """This node's data of `step` turned out corrupt: a round of it fails, and the step is no longer offered
+        as kept (its block would count as lost in a rebuild anyway)."""
+        self.buffer_taken(step)
+        if step in self._kept_steps():
+            kept = [m for m in (self.meta, self.previous) if m is not None and m.step != step]
+            self._keep_protected(kept[0] if kept else None, None)
+            log.warning("step %d is no longer protected here: a rank's snapshot of it is corrupt", step)
             self.broadcast_report()
 
     def _keep_protected(self, meta: GroupMeta | None, previous: GroupMeta | None) -> None:
@@ -448,9 +461,9 @@ class Cluster:
         before)."""
         return next((m for m in (self.meta, self.previous) if m is not None and m.step == step), None)
 
-    def _round_aborted(self, token: int) -> bool:
+    def _round_aborted(self, round_id: int) -> bool:
         mr = self.member_round
-        return mr is None or mr.token != token or mr.aborted
+        return mr is None or mr.round != round_id or mr.aborted
 
     def _leader(self) -> int:
         return min(m for m in self.nodes if self.alive(m))
@@ -480,12 +493,15 @@ class Cluster:
         base = self._base()
         if base is None:
             return
-        self.leading = _Round(committed, now + self.d.timeout,
+        round_id = random.getrandbits(62)
+        self.leading = _Round(round_id, committed, now + self.d.timeout,
                               {m: self.incarnation if m == self.node else self.peers[m].incarnation
                                for m in self.nodes})
         self.schedule.started(committed)
         for m in self.nodes:
-            self._send(m, "ec_start", step=committed, base=base)
+            if self.leading is None or self.leading.id != round_id:
+                break  # it failed at once (this node could not take part): the others need not start it
+            self._send(m, "ec_start", round=round_id, step=committed, base=base)
 
     def _base(self) -> int | None:
         """The newest step every node keeps protected, as their reports say (-1: none); None while the nodes may
@@ -520,7 +536,7 @@ class Cluster:
             self._absent_warned = True
 
     def _finish_round(self, ok: bool) -> None:
-        step = self.leading.step
+        step, round_id = self.leading.step, self.leading.id
         self.leading = None
         delay = self.schedule.finished(ok, time.monotonic())
         if delay is not None:
@@ -528,10 +544,10 @@ class Cluster:
         if ok:
             self._announced = (step, self.clock)
         for m in self.nodes:
-            self._send(m, "ec_result", step=step, ok=ok)
+            self._send(m, "ec_result", round=round_id, step=step, ok=ok)
             fault_point("smp_ec_result_sent", step)
 
-    def _on_ec_start(self, step: int, base: int, leader: int) -> None:
+    def _on_ec_start(self, round_id: int, step: int, base: int, leader: int) -> None:
         peer = self.peers.get(leader)
         if peer is not None and peer.last_seen is None:
             # a leader this (restarted) SMP has not heard a report from yet is alive: it just sent this. Without
@@ -539,7 +555,8 @@ class Cluster:
             peer.last_seen = self.clock
         kept = {m.step: m for m in (self.meta, self.previous) if m is not None}
         if self.rebuilding or (base >= 0 and base not in kept):
-            self._send(leader, "ec_done", step=step, ok=False, detail=f"node {self.node} is still being rebuilt"
+            self._send(leader, "ec_done", round=round_id, step=step, ok=False,
+                       detail=f"node {self.node} is still being rebuilt"
                        if self.rebuilding else f"node {self.node} keeps steps {sorted(kept)}, not step {base}")
             return
         if self.member_round is not None:
@@ -549,14 +566,13 @@ class Cluster:
             log.warning("step %s was not protected on every node (a leader did not tell them all); back to step "
                         "%d, which every node keeps", self.protected, base)
         self._keep_protected(kept.get(base, self.meta), None)  # every node keeps `base`: the other step can go
-        self._rounds += 1
         self.member_round = _MemberRound(step, leader, time.monotonic() + self.d.timeout,
-                                         pinned=self._spare_buffers(), token=self._rounds)
-        self.jobs.put(("encode", step, self._rounds))
+                                         pinned=self._spare_buffers(), round=round_id)
+        self.jobs.put(("encode", step, round_id))
 
     def _on_ec_done(self, msg: dict[str, Any]) -> None:
-        if self.leading is None or msg["step"] != self.leading.step:
-            return
+        if self.leading is None or msg["round"] != self.leading.id:
+            return  # of a round that ended (e.g. a late answer to an earlier round of the same step)
         if not msg["ok"]:
             log.warning("EC round of step %d failed on node %d: %s", msg["step"], msg["from"], msg["detail"])
             self._finish_round(False)
@@ -565,9 +581,9 @@ class Cluster:
         if self.leading.done >= set(self.nodes):
             self._finish_round(True)
 
-    def _on_ec_result(self, step: int, ok: bool) -> None:
+    def _on_ec_result(self, round_id: int, step: int, ok: bool) -> None:
         mr = self.member_round
-        if mr is None or mr.step != step:
+        if mr is None or mr.round != round_id:
             return  # a round this node abandoned (its data may be gone): it never promotes it
         self.member_round = None
         self.stats["rounds_ok" if ok else "rounds_failed"] += 1
@@ -614,20 +630,26 @@ class Cluster:
         bound = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return bound.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")  # a wildcard: reach it on loopback
 
-    def _job_encode(self, link_to, step: int, token: int) -> dict:
-        if self._round_aborted(token):  # superseded while queued: it must not claim a parity slot
+    def _job_encode(self, link_to, step: int, round_id: int) -> dict:
+        if self._round_aborted(round_id):  # superseded while queued: it must not claim a parity slot
             raise RuntimeError(f"round of step {step} superseded before it started")
         start = time.perf_counter()
         meta = encode_round(step, self.node, self.members, self.cfg.ec_parity, link_to, self.parity,
-                            self.d.timeout, lambda: self._round_aborted(token))
-        return {"ev": "encoded", "token": token, "meta": meta.pack(), "seconds": time.perf_counter() - start}
+                            self.d.timeout, lambda: self._round_aborted(round_id))
+        return {"ev": "encoded", "round": round_id, "meta": meta.pack(), "seconds": time.perf_counter() - start}
 
     def _job_probe(self, link_to) -> dict:
         deadline = time.monotonic() + min(self.d.timeout, 30.0)
-        while time.monotonic() < deadline and not all(self.alive(m) for m in self.members):
-            time.sleep(0.2)  # give the group's SMPs a chance to appear after a whole-job start
-        meta = newest_protected(self.members, self.node, link_to, min(self.d.timeout, 30.0))
+        while time.monotonic() < deadline and (not all(self.alive(m) for m in self.members) or self.reports_pending()):
+            time.sleep(0.2)  # give the group's SMPs a chance to appear after a whole-job start, and to report
+        meta = newest_protected(self.members, self.node, link_to, min(self.d.timeout, 30.0), self._kept_by_job())
         return {"ev": "probed", "meta": meta.pack() if meta else None}
+
+    def _kept_by_job(self) -> set[int] | None:
+        """The protected steps every other live node of the job keeps, as reported (None: no report to go by)."""
+        views = [{p.protected, p.previous} - {-1} for n, p in self.peers.items()
+                 if n not in self.members and self.alive(n) and p.reported and not p.rebuilding]
+        return set.intersection(*views) if views else None
 
     def _job_rebuild(self, link_to, meta_bytes: bytes, data: NodeData, headers: dict[int, Header]) -> dict:
         meta = GroupMeta.unpack(meta_bytes)
@@ -678,7 +700,7 @@ class Cluster:
             meta = GroupMeta.unpack(ev["meta"])
             self.stats["last_round_s"], self.stats["last_round_step"] = ev["seconds"], meta.step
             self.stats["last_round_bytes"] = sum(meta.layout.sizes)
-            self._report_round(ev["token"], meta, "")
+            self._report_round(ev["round"], meta, "")
         elif kind == "encode_failed":
             self._report_round(ev["args"][1], None, ev["error"])
         elif kind == "probed":
@@ -701,15 +723,15 @@ class Cluster:
         self.rebuilding = False
         self.d.on_commit_state_changed()
 
-    def _report_round(self, token: int, meta: GroupMeta | None, error: str) -> None:
-        """Tell the leader how this node's part of the round `token` ended (`meta`: encoded; else `error`)."""
+    def _report_round(self, round_id: int, meta: GroupMeta | None, error: str) -> None:
+        """Tell the leader how this node's part of round `round_id` ended (`meta`: encoded; else `error`)."""
         mr = self.member_round
-        if mr is None or mr.token != token:
+        if mr is None or mr.round != round_id:
             return  # superseded or abandoned meanwhile
         mr.meta = meta
         mr.reported_ok = ok = meta is not None and not mr.aborted
         detail = "" if ok else error or "a local buffer was reused during the round"
-        self._send(mr.leader, "ec_done", step=mr.step, ok=ok, detail=detail)
+        self._send(mr.leader, "ec_done", round=round_id, step=mr.step, ok=ok, detail=detail)
 
     def _start_rebuild(self, meta_bytes: bytes | None) -> None:
         if meta_bytes is None:
@@ -793,11 +815,11 @@ class Cluster:
         if op == "report":
             self._on_report(msg)
         elif op == "ec_start":
-            self._on_ec_start(msg["step"], msg["base"], msg["from"])
+            self._on_ec_start(msg["round"], msg["step"], msg["base"], msg["from"])
         elif op == "ec_done":
             self._on_ec_done(msg)
         elif op == "ec_result":
-            self._on_ec_result(msg["step"], msg["ok"])
+            self._on_ec_result(msg["round"], msg["step"], msg["ok"])
         elif identity is not None and op in ("manifest", "data", "parity", "ec_status", "payload"):
             try:
                 self._reply(identity, msg["id"], getattr(self, f"_read_{op}")(msg))

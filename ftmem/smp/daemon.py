@@ -308,6 +308,8 @@ class SnapshotDaemon:
         buf = rb.holding(msg["step"])
         log.error("rank %d reports its snapshot of step %d corrupt: %s", msg["rank"], msg["step"], msg["detail"])
         if buf is not None:
+            if self.cluster is not None:
+                self.cluster.data_lost(msg["step"])
             rb.invalidate(buf)
             self._update_complete(msg["rank"])
         return {"retry": False}

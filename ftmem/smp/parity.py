@@ -111,6 +111,7 @@ class ParityStore:
                     seg.close()
                     seg.unlink()
                 self._slots[i] = seg = new
+            self._work = [None, None]  # one round at a time: an earlier claim (a failed round) is void
             self._work[i] = step
             return seg
 

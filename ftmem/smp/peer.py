@@ -43,9 +43,10 @@ PEER_SCHEMA: dict[str, dict[str, type]] = {
                "rebuilding": bool, "complete": list},
     # erasure-coding rounds, driven by the group leader (like reports, they name the sender's incarnation: one
     # that was replaced, e.g. after a partition healed, is ignored)
-    "ec_start": {"incarnation": str, "step": _N, "base": int},  # base: the step every node keeps (-1: none)
-    "ec_done": {"incarnation": str, "step": _N, "ok": bool, "detail": str},
-    "ec_result": {"incarnation": str, "step": _N, "ok": bool},
+    # (`round`: the leader's id of the round; `base`: the step every node keeps, -1: none)
+    "ec_start": {"incarnation": str, "round": _N, "step": _N, "base": int},
+    "ec_done": {"incarnation": str, "round": _N, "step": _N, "ok": bool, "detail": str},
+    "ec_result": {"incarnation": str, "round": _N, "step": _N, "ok": bool},
     # reads served from shared memory (replies carry data as blobs)
     "manifest": {"step": _N},
     "data": {"step": _N, "ranges": list},         # [[offset, length], ...] of the node's data for step
