@@ -301,17 +301,19 @@ def test_node_0_is_lost_and_rebuilt_with_both_its_ranks_when_the_store_is_served
 
 
 def test_a_leader_lost_while_announcing_a_protected_step_is_rebuilt_at_the_step_before(cluster, golden):
-    """The round leader (node 0, the lowest) tells the nodes a round's result one by one. Here it is lost whole
-    between telling node 1 and node 2 that a step is protected (FTMEM_STALL_AT holds it there: the 8th pass through
-    smp_ec_result_sent is the third round's, right after node 1's message), so node 1 protects that step and node
-    2 still the one before. Node 0's replacement is rebuilt at the step before, which both survivors keep (data
-    and parity) until the next round starts; every rank restores it and the final hash is the baseline's."""
-    expected = golden(3, *DIM)
+    """The round leader (node 0, the lowest) tells the nodes a round's result one by one, its own group first.
+    Here 4 nodes form 2 groups of 2, and node 0 is lost whole right after telling node 1 that a step is
+    protected (FTMEM_STALL_AT holds it there: the 10th pass through smp_ec_result_sent is the third round's,
+    after the messages to node 0 and node 1), so group [0, 1] protects that step and group [2, 3] the one before.
+    Node 3 is lost with it, one node per group. Both replacements must be rebuilt at the step before, which every
+    survivor keeps (data and parity) until the next round starts: node 0's group alone would offer the newer
+    step, which node 3's ranks never get back. Every rank restores it and the final hash is the baseline's."""
+    expected = golden(4, *DIM)
     port = free_port()
     store = cluster.python(["-m", "ftmem.cli", "store", "--port", str(port)], name="store")
     cluster.wait_for_line(store, "serving the rendezvous store", timeout=60)
-    job = Job(cluster, 3, ["--max-restarts", "3"], DIM, port=port, FTMEM_TIMEOUT=TIMEOUT)
-    job.start_all(node_env={0: {"FTMEM_STALL_AT": "smp_ec_result_sent#8=60"}})
+    job = Job(cluster, 4, ["--max-restarts", "3", "--ftmem-ec-group", "2"], DIM, port=port, FTMEM_TIMEOUT=TIMEOUT)
+    job.start_all(node_env={0: {"FTMEM_STALL_AT": "smp_ec_result_sent#10=60"}})
     nodes = {i: cluster.client(i, timeout=5.0, retry_interval=5.0) for i in (1, 2)}
     seen: list[tuple[float, int | None, int | None]] = []
 
@@ -327,15 +329,17 @@ def test_a_leader_lost_while_announcing_a_protected_step_is_rebuilt_at_the_step_
 
     cluster.wait_until(split_for_a_second, 120, "node 0 to stall between telling node 1 and node 2", interval=0.2)
     _, newer, before = seen[-1]
-    print(f"node 1 protects step {newer}, node 2 step {before}: killing node 0")
-    job.kill(0, now=True)
-    job.start(0, name="node0-replacement")
+    print(f"node 1 protects step {newer}, node 2 step {before}: killing nodes 0 and 3")
+    job.kill(0, 3, now=True)
+    for i in (0, 3):
+        job.start(i, name=f"node{i}-replacement")
     codes = job.finish()
-    assert codes == {i: 0 for i in range(3)}, f"exit codes {codes}\n{cluster.logs()}"
+    assert codes == {i: 0 for i in range(4)}, f"exit codes {codes}\n{cluster.logs()}"
     assert job.final_hashes() == [expected], cluster.logs()
-    assert f"rebuilt node 0's snapshot of step {before}" in cluster.smp_log(0), cluster.logs()
-    assert f"rebuilding at step {before}, the newest that every surviving group member keeps" in \
-        cluster.smp_log(0), cluster.smp_log(0)
+    for i in (0, 3):
+        assert f"rebuilt node {i}'s snapshot of step {before}" in cluster.smp_log(i), cluster.logs()
+    assert f"rebuilding at step {before}, the newest that every surviving group member keeps and the job's other " \
+        f"nodes too" in cluster.smp_log(0), cluster.smp_log(0)
     rest = restored(job.output())
     assert {s for _, s, _ in rest} == {before}, f"every rank restores step {before}: {rest}\n{cluster.logs()}"
     assert store.poll() is None, cluster.output(store)
