@@ -342,3 +342,29 @@ def test_tied_weights_batchnorm_and_frozen_params_restore_bit_identically(cluste
     out = wait_ok(cluster, cluster.python(script, name="mixed-resumed"))
     assert restored_steps(out) == [12], out
     assert final_hash(out) == golden
+
+
+STALLED_RANK_SCRIPT = r'''
+import os, time
+import torch
+import torch.distributed as dist
+from ftmem import Snapshotter
+
+dist.init_process_group("gloo")
+if dist.get_rank() == 1:
+    time.sleep(600)  # stopped before restore(): a hung or SIGSTOPped rank
+model = torch.nn.Linear(2, 2)
+Snapshotter(model, torch.optim.SGD(model.parameters(), lr=0.1)).restore()
+'''
+
+
+def test_a_rank_that_never_reaches_restore_fails_the_others_within_the_timeout(cluster):
+    """restore() is collective. A rank that never joins it must not hold the others for the default process
+    group's timeout (30 minutes with gloo): they fail after twice FTMEM_TIMEOUT with an error that says why."""
+    script = cluster.tmp / "stalled_rank.py"
+    script.write_text(STALLED_RANK_SCRIPT)
+    run = cluster.start([sys.executable, "-m", "torch.distributed.run", "--standalone", *TWO, str(script)],
+                        name="torchrun", FTMEM_TIMEOUT="5")
+    out = cluster.wait(run, 120)
+    assert run.returncode != 0, out
+    assert "ftmem: rank 0: not every rank took part in restore() within 10s" in out, out

@@ -6,7 +6,9 @@ every rank is by definition committed. Each restore starts a new epoch, so compl
 abandoned timeline (steps after the restored one) can never be mixed with new ones.
 
 Each phase ends in a collective that also carries failures, so one rank's error stops every rank with a clear
-message instead of leaving the others blocked in a collective.
+message instead of leaving the others blocked in a collective. The collectives run on a gloo group of their own,
+bounded by ftmem's timeout (not the default group's: gloo's is 30 minutes, and NCCL's would need a GPU), so a
+rank that never reaches restore() (stopped, hung) fails the others with an error instead of a long hang.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Mapping
 
 import torch
@@ -50,26 +53,36 @@ class RestoreResult:
         return 0 if self.step is None else self.step + 1
 
 
-def _collective_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+class _Ranks:
+    """The restore's collectives over every rank: a gloo group whose operations fail after `timeout` (twice
+    ftmem's: a rank may wait that long for its SMP, e.g. for a rebuild, before it joins)."""
+
+    def __init__(self, rank: int, world: int, timeout: float) -> None:
+        self.rank, self.world, self.timeout = rank, world, 2 * timeout
+        self.group = None
+        if world > 1:
+            if not dist.is_initialized():
+                raise RestoreError("ftmem: restore() with WORLD_SIZE > 1 needs torch.distributed initialized "
+                                   "(call dist.init_process_group first)")
+            self.group = self._bounded(lambda: dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout)))
+
+    def all_gather(self, row: torch.Tensor) -> list[torch.Tensor]:
+        if self.group is None:
+            return [row]
+        rows = [torch.empty_like(row) for _ in range(self.world)]
+        self._bounded(lambda: dist.all_gather(rows, row, group=self.group))
+        return rows
+
+    def _bounded(self, collective):
+        try:
+            return collective()
+        except RuntimeError as exc:  # gloo's timeout, or a peer that died meanwhile
+            raise RestoreError(f"ftmem: rank {self.rank}: not every rank took part in restore() within "
+                               f"{self.timeout:.0f}s (a rank stopped, hung or died before restoring?): "
+                               f"{str(exc).splitlines()[0]}") from exc
 
 
-def _all_gather_rows(row: torch.Tensor, world: int) -> list[torch.Tensor]:
-    if world == 1:
-        return [row]
-    if not dist.is_initialized():
-        raise RestoreError("ftmem: restore() with WORLD_SIZE > 1 needs torch.distributed initialized "
-                           "(call dist.init_process_group first)")
-    device = _collective_device()
-    row = row.to(device)
-    rows = [torch.empty_like(row) for _ in range(world)]
-    dist.all_gather(rows, row)
-    return [r.cpu() for r in rows]
-
-
-def _agree(local: tuple[int, list[list[int]], int] | str, world: int,
+def _agree(local: tuple[int, list[list[int]], int] | str, ranks: _Ranks,
            lost: str = "") -> tuple[tuple[int, int] | None, int]:
     """Return the newest (step, epoch) on every rank's list and the new epoch; `local` is (epoch, snapshots,
     the world size that took them) or an error string when this rank failed before agreement; `lost` is what this
@@ -83,17 +96,17 @@ def _agree(local: tuple[int, list[list[int]], int] | str, world: int,
         row[0], row[1], row[2] = epoch, len(steps), taken_by
         for i, (s, e) in enumerate(steps):
             row[3 + 2 * i], row[4 + 2 * i] = s, e
-    rows = _all_gather_rows(row, world)
+    rows = ranks.all_gather(row)
     failed = [r for r, x in enumerate(rows) if int(x[1]) == -2]
     if failed:
         detail = local if isinstance(local, str) else "see the log of the failed ranks"
         raise RestoreError(f"ftmem: restore failed on rank(s) {failed}: {detail}")
     lists = [{(int(x[3 + 2 * i]), int(x[4 + 2 * i])) for i in range(int(x[1]))} for x in rows]
-    other = sorted({int(x[2]) for x in rows} - {0, world})
+    other = sorted({int(x[2]) for x in rows} - {0, ranks.world})
     if other:
         newest = max((s for snaps in lists for s, _ in snaps), default=None)
         raise RestoreError(f"ftmem: the snapshots in memory{'' if newest is None else f' (up to step {newest})'} were "
-                           f"taken by a world of {other[0]} ranks, and this job has {world} (did an elastic "
+                           f"taken by a world of {other[0]} ranks, and this job has {ranks.world} (did an elastic "
                            f"re-rendezvous change the node count?). ftmem restores a snapshot only into the world "
                            f"size that took it: restart with {other[0]} ranks, or remove them ('ftmem clean') to "
                            f"start over.")
@@ -112,9 +125,9 @@ def _agree(local: tuple[int, list[list[int]], int] | str, world: int,
     return best, max(int(x[0]) for x in rows) + 1
 
 
-def _agree_ok(error: str | None, world: int) -> None:
+def _agree_ok(error: str | None, ranks: _Ranks) -> None:
     row = torch.tensor([0 if error is None else 1], dtype=torch.int64)
-    failed = [r for r, x in enumerate(_all_gather_rows(row, world)) if int(x[0])]
+    failed = [r for r, x in enumerate(ranks.all_gather(row)) if int(x[0])]
     if failed:
         raise RestoreError(f"ftmem: restore failed on rank(s) {failed}: {error or 'see the log of those ranks'}")
 
@@ -167,7 +180,8 @@ def restore_rank(client: ControlClient, rank: int, world: int, local_rank: int, 
         local, lost = (reply["epoch"], reply["steps"], reply["world"]), reply["lost"]
     except Exception as exc:  # reported to every rank by _agree
         local = f"{type(exc).__name__}: {exc}"
-    chosen, epoch = _agree(local, world, lost)
+    ranks = _Ranks(rank, world, client.timeout)
+    chosen, epoch = _agree(local, ranks, lost)
     error, source, nbytes = None, "none", 0
     try:
         step = -1 if chosen is None else chosen[0]
@@ -188,7 +202,7 @@ def restore_rank(client: ControlClient, rank: int, world: int, local_rank: int, 
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
         log.error("rank %d could not restore: %s", rank, error)
-    _agree_ok(error, world)
+    _agree_ok(error, ranks)
     result = RestoreResult(None if chosen is None else chosen[0], epoch, source, nbytes,
                            time.perf_counter() - start)
     if chosen is None:
