@@ -195,7 +195,6 @@ class BufferStore:
         """Take over the segments a previous SMP of this node left, keeping only verified complete snapshots.
 
         Returns the number of complete snapshots adopted."""
-        adopted = 0
         for name in list_segments(self.prefix):
             m = _NAME.search(name)
             if not m:
@@ -206,16 +205,20 @@ class BufferStore:
                 unlink(name)
                 continue
             buf = self.of(rank).buffers[index]
-            if buf.segment is not None:  # a crash between create and unlink left two generations
-                older, buf.segment = sorted([buf.segment, Segment.open(name, populate=False)],
-                                            key=lambda s: int(_NAME.search(s.name).group(3)))
-                older.close()
-                older.unlink()
-            else:
-                buf.segment = Segment.open(name, populate=False)
-            buf.header = self._verified_header(rank, buf.segment)
-            adopted += buf.header.state == BufferState.COMPLETE
-        return adopted
+            segment = Segment.open(name, populate=False)
+            header = self._verified_header(rank, segment)
+            if buf.segment is not None:
+                # two generations: the SMP died between creating a larger segment and installing it in place of
+                # the older one, so the newer is blank, and the older may hold a snapshot (one the job needs)
+                (older, older_header), newer = sorted([(buf.segment, buf.header), (segment, header)],
+                                                      key=lambda p: int(_NAME.search(p[0].name).group(3)))
+                keep, drop = ((older, older_header), newer) if older_header.state != BufferState.EMPTY else \
+                    (newer, (older, older_header))
+                (segment, header), (dropped, _) = keep, drop
+                dropped.close()
+                dropped.unlink()
+            buf.segment, buf.header = segment, header
+        return sum(b.header.state == BufferState.COMPLETE for rb in self.ranks.values() for b in rb.buffers)
 
     @staticmethod
     def _verified_header(rank: int, segment: Segment) -> Header:
