@@ -52,7 +52,8 @@ def smp_first_prepares(ranks: int, nbytes: int) -> tuple[float, float]:
         pinger.start()
         start = time.perf_counter()
         preparing = [threading.Thread(target=clients[r].call, args=("prepare",),
-                                      kwargs=dict(rank=r, step=0, epoch=1, nbytes=nbytes)) for r in range(ranks)]
+                                      kwargs=dict(rank=r, step=0, epoch=1, nbytes=nbytes, world=ranks, local_rank=r,
+                                                  pid=os.getpid())) for r in range(ranks)]
         for t in preparing:
             t.start()
         for t in preparing:

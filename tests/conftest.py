@@ -48,6 +48,12 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in [10000, {_EPHEMERAL_LOW})")
 
 
+def rank_identity(rank: int, world: int = 8) -> dict[str, int]:
+    """The fields a rank's `register` and `prepare` name it by (the pid the tests register it with). An SMP takes
+    the world from `prepare` only when it knows none (it restarted since the ranks registered)."""
+    return {"world": world, "local_rank": rank, "pid": 1000 + rank}
+
+
 class Cluster:
     """Processes of one test job; each is started in its own session so it can be ended by process group."""
 

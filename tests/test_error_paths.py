@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import Cluster
+from conftest import Cluster, rank_identity
 from ftmem.env import NodeEnv
 from ftmem.recovery.restore import CorruptSnapshotError, RestoreError, load_segment, restore_rank
 from ftmem.smp import shm
@@ -37,7 +37,8 @@ def start_job(client: ControlClient, world: int, epoch: int = 1) -> None:
 def write_snapshot(client: ControlClient, rank: int, step: int, epoch: int, payload: bytes,
                    desc_off: int = 0, desc_len: int = 16) -> str:
     """Prepare, write `payload`, commit with its real checksums; returns the segment's name."""
-    segment = client.call("prepare", rank=rank, step=step, epoch=epoch, nbytes=HEADER_SIZE + len(payload))["segment"]
+    segment = client.call("prepare", **rank_identity(rank), rank=rank, step=step, epoch=epoch,
+                          nbytes=HEADER_SIZE + len(payload))["segment"]
     seg = shm.Segment.open(segment, populate=False)
     try:
         seg.buf[HEADER_SIZE: HEADER_SIZE + len(payload)] = payload
@@ -67,7 +68,7 @@ def test_a_stuck_prepare_explains_itself_to_a_client_with_the_smps_own_timeout(c
         write_snapshot(c, rank, step, 1, bytes(5000))
     start = time.monotonic()
     with pytest.raises(SmpError, match=r"waiting for step 1 to commit .* not completed it: \[1\]"):
-        c.call("prepare", rank=0, step=2, epoch=1, nbytes=HEADER_SIZE + 5000)
+        c.call("prepare", **rank_identity(0), rank=0, step=2, epoch=1, nbytes=HEADER_SIZE + 5000)
     assert time.monotonic() - start < 10
 
 

@@ -11,7 +11,7 @@ import msgpack
 import pytest
 import zmq
 
-from conftest import Cluster
+from conftest import Cluster, rank_identity
 from ftmem.smp.layout import HEADER_SIZE, MIN_CHUNK, Header, chunk_crcs
 from ftmem.smp.protocol import MAX_CONTROL_BYTES, ControlClient, SmpError, SmpUnavailable, encode
 from ftmem.smp.shm import Segment, available_bytes
@@ -60,10 +60,11 @@ def assert_still_serving(cluster: Cluster, smp, raw: Raw | None = None) -> None:
         assert reply == {"id": 123456, "ok": True, "pid": smp.pid}
 
 
-def write_snapshot(client: ControlClient, rank: int, step: int, epoch: int, payload: bytes) -> int:
+def write_snapshot(client: ControlClient, rank: int, step: int, epoch: int, payload: bytes, world: int = 8) -> int:
     """What a rank does for one snapshot: prepare, write the payload, commit with real checksums; returns the
     buffer index used."""
-    reply = client.call("prepare", rank=rank, step=step, epoch=epoch, nbytes=HEADER_SIZE + len(payload))
+    reply = client.call("prepare", **rank_identity(rank, world), rank=rank, step=step, epoch=epoch,
+                        nbytes=HEADER_SIZE + len(payload))
     commit(client, rank, step, epoch, reply["segment"], payload)
     return reply["buffer"]
 
@@ -202,9 +203,10 @@ def test_many_clients_and_pipelined_requests(shared):
 OUT_OF_RANGE = {
     "rank outside the world": [("register", dict(rank=2, world=2, local_rank=0, pid=1))],
     "negative rank": [("prepare", dict(rank=-1, step=0, epoch=1, nbytes=HEADER_SIZE + 100))],
-    "negative nbytes": [("prepare", dict(rank=0, step=0, epoch=1, nbytes=-(1 << 30)))],
-    "step beyond int64": [("prepare", dict(rank=0, step=1 << 63, epoch=1, nbytes=HEADER_SIZE + 100))],
-    "negative payload_len": [("prepare", dict(rank=0, step=0, epoch=1, nbytes=HEADER_SIZE + 100)),
+    "negative nbytes": [("prepare", dict(**rank_identity(0), rank=0, step=0, epoch=1, nbytes=-(1 << 30)))],
+    "step beyond int64": [("prepare", dict(**rank_identity(0), rank=0, step=1 << 63, epoch=1,
+                                           nbytes=HEADER_SIZE + 100))],
+    "negative payload_len": [("prepare", dict(**rank_identity(0), rank=0, step=0, epoch=1, nbytes=HEADER_SIZE + 100)),
                              ("commit", dict(rank=0, step=0, epoch=1, payload_len=-4, desc_off=-8, desc_len=0,
                                              chunk_size=MIN_CHUNK, crcs=b"\0\0\0\0"))],
 }
@@ -237,7 +239,7 @@ def test_snapshot_larger_than_shared_memory_is_refused_with_a_clear_error(cluste
     nbytes = available_bytes() + (64 << 30)
     try:
         with pytest.raises(SmpError, match=r"needs \d+ bytes but .* has \d+ available"):
-            client.call("prepare", rank=0, step=0, epoch=1, nbytes=nbytes)
+            client.call("prepare", **rank_identity(0), rank=0, step=0, epoch=1, nbytes=nbytes)
     except SmpUnavailable:
         pass
     assert smp.poll() is None, f"the SMP died on an oversized prepare:\n{cluster.output(smp)[-3000:]}"
@@ -259,7 +261,7 @@ def test_commit_of_a_step_never_prepared_is_refused(cluster):
     with pytest.raises(SmpError, match="never prepared"):
         client.call("commit", rank=0, step=3, epoch=1, **args)
     # prepared in this epoch, committed under another: refused too
-    client.call("prepare", rank=0, step=0, epoch=1, nbytes=HEADER_SIZE + 100)
+    client.call("prepare", **rank_identity(0), rank=0, step=0, epoch=1, nbytes=HEADER_SIZE + 100)
     with pytest.raises(SmpError, match="never prepared"):
         client.call("commit", rank=0, step=0, epoch=2, **args)
     with pytest.raises(SmpError, match="never prepared"):
@@ -275,14 +277,14 @@ def test_commit_of_a_step_never_prepared_is_refused(cluster):
                     chunk_size=MIN_CHUNK, crcs=b"\0\0\0")
     assert steps_of(client, 0) == []
     # the real commit then succeeds, and repeating it is harmless (requests are idempotent)
-    reply = client.call("prepare", rank=0, step=0, epoch=1, nbytes=HEADER_SIZE + 100)
+    reply = client.call("prepare", **rank_identity(0), rank=0, step=0, epoch=1, nbytes=HEADER_SIZE + 100)
     commit(client, 0, 0, 1, reply["segment"], payload_for(0, 0, 100))
     commit(client, 0, 0, 1, reply["segment"], payload_for(0, 0, 100))
     assert steps_of(client, 0) == [[0, 1]]
     assert client.call("status")["committed"] == 0
     # a process of an older epoch is stale
     with pytest.raises(SmpError, match="stale"):
-        client.call("prepare", rank=0, step=1, epoch=0, nbytes=HEADER_SIZE + 100)
+        client.call("prepare", **rank_identity(0), rank=0, step=1, epoch=0, nbytes=HEADER_SIZE + 100)
     assert_still_serving(cluster, smp)
 
 
@@ -304,7 +306,7 @@ def test_prepare_waits_until_the_previous_step_is_committed_on_all_ranks(cluster
     def prepare_step_2():
         waiter = ControlClient(cluster.control_address(), timeout=20.0)
         try:
-            result["reply"] = waiter.call("prepare", rank=0, step=2, epoch=1,
+            result["reply"] = waiter.call("prepare", **rank_identity(0), rank=0, step=2, epoch=1,
                                           nbytes=HEADER_SIZE + len(payload_for(0, 2)))
         except Exception as exc:  # reported below
             result["error"] = exc
@@ -341,7 +343,8 @@ def test_a_waiting_request_resent_from_a_fresh_socket_is_answered_there(cluster)
     write_snapshot(c, 0, 0, 1, payload_for(0, 0))
     write_snapshot(c, 1, 0, 1, payload_for(1, 0))
     write_snapshot(c, 0, 1, 1, payload_for(0, 1))
-    request = encode({"op": "prepare", "id": 777, "rank": 0, "step": 2, "epoch": 1, "nbytes": HEADER_SIZE + 5000})
+    request = encode({"op": "prepare", "id": 777, "rank": 0, "step": 2, "epoch": 1, "nbytes": HEADER_SIZE + 5000,
+                      **rank_identity(0)})
     first, second = Raw(cluster.control_address()), Raw(cluster.control_address())
     try:
         first.send(request)
@@ -366,7 +369,7 @@ def test_a_stuck_prepare_times_out_naming_the_missing_ranks(cluster):
     write_snapshot(c0, 0, 1, 1, payload_for(0, 1))
     write_snapshot(c1, 2, 1, 1, payload_for(2, 1))
     with pytest.raises(SmpError, match=r"waiting for step 1 to commit .* not completed it: \[1\]"):
-        c0.call("prepare", rank=0, step=2, epoch=1, nbytes=HEADER_SIZE + 5000)
+        c0.call("prepare", **rank_identity(0), rank=0, step=2, epoch=1, nbytes=HEADER_SIZE + 5000)
     assert steps_of(c0, 0) == [[1, 1], [0, 1]]  # nothing was overwritten
 
 
@@ -389,7 +392,7 @@ def test_restart_opens_a_new_epoch_and_drops_the_abandoned_timeline(cluster):
     assert steps_of(c, 0) == [[2, 1]]  # step 3 of the abandoned timeline is gone
     assert c.call("status")["committed"] == 2 and c.call("status")["epoch"] == 2
     with pytest.raises(SmpError, match="stale"):
-        c.call("prepare", rank=1, step=3, epoch=1, nbytes=HEADER_SIZE + 5000)
+        c.call("prepare", **rank_identity(1), rank=1, step=3, epoch=1, nbytes=HEADER_SIZE + 5000)
     for rank in range(2):
         write_snapshot(c, rank, 3, 2, payload_for(rank, 30))
     assert c.call("status")["committed"] == 3
@@ -425,13 +428,31 @@ def test_a_snapshot_in_flight_survives_an_smp_restart(cluster):
     start_job(c, world=1)
     for step in range(2):
         write_snapshot(c, 0, step, 1, payload_for(0, step))
-    reply = c.call("prepare", rank=0, step=2, epoch=1, nbytes=HEADER_SIZE + 5000)
+    reply = c.call("prepare", **rank_identity(0), rank=0, step=2, epoch=1, nbytes=HEADER_SIZE + 5000)
     smp.kill()
     smp.wait(timeout=30)
     cluster.start_smp("--timeout", "30", name="smp2")
     commit(c, 0, 2, 1, reply["segment"], payload_for(0, 2))  # the copy finished while no SMP ran
     assert steps_of(c, 0) == [[2, 1], [1, 1]]
     assert c.call("status")["committed"] == 2
+
+
+def test_an_smp_restarted_before_the_first_commit_learns_the_ranks_from_their_snapshots(cluster):
+    """The ranks registered with an SMP that died before anything was committed; they never register again. The
+    restarted SMP has no complete buffer to read the world size from, so it learns the world and the ranks from
+    their `prepare`: steps commit again (before, `committed` stayed None for good, and a rank could reuse the
+    buffer of a step the others still needed), and the status lists the ranks (the hang watchdog reads them)."""
+    smp = cluster.start_smp("--timeout", "30", name="smp1")
+    c = cluster.client(timeout=15.0, retry_interval=1.0)
+    start_job(c, world=2)
+    smp.kill()
+    smp.wait(timeout=30)
+    cluster.start_smp("--timeout", "30", name="smp2")
+    for rank in range(2):
+        write_snapshot(c, rank, 0, 1, payload_for(rank, 0), world=2)
+    status = c.call("status")
+    assert status["committed"] == 0, status
+    assert sorted(status["ranks"]) == ["0", "1"] and status["ranks"]["1"]["pid"] == 1001, status["ranks"]
 
 
 def test_shutdown_with_cleanup_removes_the_segments(cluster):

@@ -92,7 +92,7 @@ class _StalledClient:
 
 def test_close_unmaps_every_buffer_but_only_once_the_copy_thread_stopped():
     client = _StalledClient()
-    engine = CopyEngine(client, rank=0, device=None, timeout=0.2)
+    engine = CopyEngine(client, rank=0, world=1, local_rank=0, device=None, timeout=0.2)
     maps = [_FakeMapping(fails=True), _FakeMapping(fails=False)]
     engine._maps = {i: (f"seg{i}", m) for i, m in enumerate(maps)}
     plan = LayoutPlan([Captured("model.w", torch.ones(2), False)])

@@ -1069,3 +1069,35 @@ def test_a_stall_point_sleeps_at_its_point_only(monkeypatch):
     monkeypatch.delenv("FTMEM_STALL_AT")
     faults.fault_point("smp_mid_encode", 5)
     assert slept == [1.5, 1.5, 0.25, 9]
+
+
+def test_readoption_keeps_a_snapshot_over_a_blank_newer_generation_of_its_buffer(tmp_path, monkeypatch):
+    """An SMP that died between creating a larger segment for a buffer and installing it leaves two generations.
+    The newer is blank; the older may hold a snapshot the job still needs (the committed step): keep that one."""
+    from ftmem.smp.buffers import BufferStore
+
+    monkeypatch.setenv("FTMEM_SHM_DIR", str(tmp_path))
+    payload = bytes(range(256)) * 16
+    crcs = chunk_crcs(memoryview(payload), MIN_CHUNK)
+    complete = Header(BufferState.COMPLETE, rank=0, world=1, step=7, epoch=1, payload_len=len(payload),
+                      desc_off=0, desc_len=16, chunk_size=MIN_CHUNK, crcs=crcs)
+    for blank_is_newer in (True, False):
+        prefix = f"ftmem.g{int(blank_is_newer)}."
+        snap, blank = ((f"{prefix}r0.b0.g1", f"{prefix}r0.b0.g2") if blank_is_newer else
+                       (f"{prefix}r0.b0.g2", f"{prefix}r0.b0.g1"))
+        for name, fill in ((snap, True), (blank, False)):
+            seg = shm.Segment.create(name, HEADER_SIZE + len(payload))
+            if fill:
+                seg.buf[HEADER_SIZE: HEADER_SIZE + len(payload)] = payload
+                packed = complete.pack()
+                seg.buf[:len(packed)] = packed
+            seg.close()
+        store = BufferStore(prefix, 2)
+        try:
+            assert store.adopt() == 1
+            buf = store.of(0).buffers[0]
+            assert buf.header.step == 7 and buf.segment.name == snap, (blank_is_newer, buf.segment.name)
+            assert shm.list_segments(prefix) == [snap]
+        finally:
+            store.close(unlink_all=True)
+        assert shm.list_segments(prefix) == []

@@ -252,6 +252,18 @@ class SnapshotDaemon:
                 rb.invalidate(buf)  # left by a previous incarnation that died mid-copy
         return {}
 
+    def _know_rank(self, msg) -> None:
+        """Learn a rank that prepares a snapshot without having registered here: this SMP restarted since the
+        rank's restore. Without its world no step would ever commit (and buffers of the last committed step would
+        be reused), and without its pid the hang watchdog could not judge the node's ranks."""
+        if not 0 <= msg["rank"] < msg["world"]:
+            raise RequestError(f"rank {msg['rank']} is outside a world of {msg['world']}")
+        if self.tracker.world is None:
+            self.tracker.world = msg["world"]
+        info = self.ranks.get(msg["rank"])
+        if info is None or info.pid != msg["pid"]:
+            self.ranks[msg["rank"]] = _RankInfo(msg["pid"], msg["local_rank"])
+
     def _op_available(self, msg):
         """What this rank can restore: its snapshots here and at live peers (moved ranks), newest first."""
         if self.cluster is None:
@@ -364,6 +376,7 @@ class SnapshotDaemon:
         if epoch < self.tracker.epoch:
             raise RequestError(f"rank {rank} writes epoch {epoch} but the job restarted in epoch "
                                f"{self.tracker.epoch}; this process is stale")
+        self._know_rank(msg)
         rb = self.store.of(rank)
         buf = rb.writing(step, epoch)
         if buf is None:

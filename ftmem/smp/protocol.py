@@ -33,7 +33,8 @@ CONTROL_SCHEMA: dict[str, dict[str, type]] = {
     "available": {"rank": int},
     "begin": {"rank": int, "step": int, "epoch": int},
     "corrupt": {"rank": int, "step": int, "detail": str},
-    "prepare": {"rank": int, "step": int, "epoch": int, "nbytes": int},
+    # (prepare names the rank as register does: an SMP restarted since the rank's restore learns it from here)
+    "prepare": {"rank": int, "step": int, "epoch": int, "nbytes": int, "world": int, "local_rank": int, "pid": int},
     "commit": {"rank": int, "step": int, "epoch": int, "payload_len": int, "desc_off": int, "desc_len": int,
                "chunk_size": int, "crcs": bytes},
     "close": {"rank": int},

@@ -9,6 +9,7 @@ training stream only waits on a CUDA event, never the host. The optimizer step p
 
 from __future__ import annotations
 
+import os
 import queue
 import struct
 import threading
@@ -90,9 +91,11 @@ class CopyEngine:
     and the worker thread's CUDA context belong to it, not to whatever device is current (0 in a new thread).
     """
 
-    def __init__(self, client: ControlClient, rank: int, device: torch.device | None, timeout: float) -> None:
+    def __init__(self, client: ControlClient, rank: int, world: int, local_rank: int, device: torch.device | None,
+                 timeout: float) -> None:
         self._client = client
         self._rank = rank
+        self._identity = {"rank": rank, "world": world, "local_rank": local_rank, "pid": os.getpid()}
         self._device = device
         self._timeout = timeout
         self._stream = torch.cuda.Stream(device) if device is not None else None
@@ -177,7 +180,7 @@ class CopyEngine:
         return mapping
 
     def _run(self, job: SnapshotJob) -> None:
-        reply = self._client.call("prepare", rank=self._rank, step=job.step, epoch=job.epoch,
+        reply = self._client.call("prepare", **self._identity, step=job.step, epoch=job.epoch,
                                   nbytes=HEADER_SIZE + job.payload_len)
         mapping = self._mapping(reply["buffer"], reply["segment"])
         self._copy_tensors(job, mapping.views(job.plan))

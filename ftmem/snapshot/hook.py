@@ -55,7 +55,8 @@ class Snapshotter:
         self._local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self._device = snapshot_device(self._model)
         self._client = connect(NodeEnv.from_env(), self._timeout)
-        self._engine = CopyEngine(self._client, self._rank, self._device, self._timeout)
+        self._engine = CopyEngine(self._client, self._rank, self._world, self._local_rank, self._device,
+                                  self._timeout)
         self._hook = optimizer.register_step_pre_hook(lambda *_: self._engine.wait_released())
         self._plan: LayoutPlan | None = None
         self._epoch: int | None = None
