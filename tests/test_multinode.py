@@ -883,6 +883,7 @@ def test_a_rank_that_moved_frees_its_buffers_on_its_old_node_once_the_job_moved_
                        "the moved ranks' old buffers to be freed", interval=0.2)
     for rank in (0, 1):
         assert f"released rank {rank}'s buffers" in cluster.output(smp[rank]), cluster.logs()
+        assert str(rank) not in client[rank].call("status")["ranks"], "its old registration must go too"
         assert rank_segments(1 - rank, rank), "the rank's buffers on its new node must stay"
         assert [s for s, _ in client[1 - rank].call("available", rank=rank)["steps"]][:1] == [4]
     del store

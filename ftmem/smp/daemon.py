@@ -449,7 +449,8 @@ class SnapshotDaemon:
         """Free the buffers of ranks that moved to another node at a re-rendezvous: the job committed a step
         newer than all of a rank's snapshots here, and a peer holds a newer one of it, so no restore reads these;
         they go once the erasure code no longer needs them (protected and running rounds' steps) and nothing
-        writes them. Without this every move would leave a whole set of buffers in /dev/shm until the job ends.
+        writes them. Without this every move would leave a whole set of buffers in /dev/shm until the job ends
+        (and the rank's old registration, whose dead pid keeps the hang watchdog from judging this node).
         (A rank that runs here can also lag the committed step here, when its copy of it was found corrupt: the
         peer's newer copy is what tells a move apart.)"""
         committed = self.tracker.committed
@@ -467,6 +468,7 @@ class SnapshotDaemon:
                 continue
             freed = self.store.release(rank)
             self.tracker.set_complete(rank, set())
+            self.ranks.pop(rank, None)  # its old process here is gone: the hang watchdog judges the ranks that run here
             log.info("released rank %d's buffers (%.1f MB): its snapshots here end at step %d, the job committed "
                      "step %d and a peer holds its step %d (the rank runs on another node now)", rank, freed / 1e6,
                      max(steps), committed, elsewhere)
