@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,7 @@ from ftmem.smp.shm import Segment
 from ftmem.snapshot.capture import Stateful, apply_snapshot
 
 log = get_logger("restore")
+T = TypeVar("T")
 MAX_CANDIDATES = 16
 
 
@@ -73,7 +74,7 @@ class _Ranks:
         self._bounded(lambda: dist.all_gather(rows, row, group=self.group))
         return rows
 
-    def _bounded(self, collective):
+    def _bounded(self, collective: Callable[[], T]) -> T:
         try:
             return collective()
         except RuntimeError as exc:  # gloo's timeout, or a peer that died meanwhile

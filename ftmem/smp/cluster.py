@@ -30,7 +30,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import msgpack
 import zmq
@@ -429,21 +429,21 @@ class Cluster:
         if self.member_round is not None and (step is None or self.member_round.step > step):
             self.buffer_taken(self.member_round.step)
         self.schedule.node_restarted()  # lead the newest committed step again, though older than the last led
-        kept = [m for m in (self.meta, self.previous) if m is not None and step is not None and m.step <= step]
-        if len(kept) != len(self._kept_steps()):
-            log.info("the job restarts after step %s: protected steps %s are dropped here", step,
-                     sorted(self._kept_steps() - {m.step for m in kept}))
-            self._keep_protected(kept[0] if kept else None, kept[1] if len(kept) > 1 else None)
-            self.broadcast_report()
+        self._keep_only(lambda m: step is not None and m.step <= step, f"the job restarts after step {step}")
 
     def data_lost(self, step: int) -> None:
         """This node's data of `step` turned out corrupt: a round of it fails, and the step is no longer offered
         as kept (its block would count as lost in a rebuild anyway)."""
         self.buffer_taken(step)
-        if step in self._kept_steps():
-            kept = [m for m in (self.meta, self.previous) if m is not None and m.step != step]
-            self._keep_protected(kept[0] if kept else None, None)
-            log.warning("step %d is no longer protected here: a rank's snapshot of it is corrupt", step)
+        self._keep_only(lambda m: m.step != step, f"a rank's snapshot of step {step} is corrupt")
+
+    def _keep_only(self, keeps: Callable[[GroupMeta], bool], why: str) -> None:
+        """Stop keeping the protected steps that `keeps` rejects, and tell the peers."""
+        kept = [m for m in (self.meta, self.previous) if m is not None and keeps(m)]
+        dropped = self._kept_steps() - {m.step for m in kept}
+        if dropped:
+            log.warning("protected step(s) %s no longer kept here: %s", sorted(dropped), why)
+            self._keep_protected(kept[0] if kept else None, kept[1] if len(kept) > 1 else None)
             self.broadcast_report()
 
     def _keep_protected(self, meta: GroupMeta | None, previous: GroupMeta | None) -> None:
