@@ -133,6 +133,17 @@ class Job:
         self.killed.extend(self.procs.pop(i) for i in nodes)
         assert all(node_segments(self.c, i) == [] for i in nodes), "kill-node left segments behind"
 
+    def replace(self, *nodes: int, expected: str, now: bool = False) -> None:
+        """Kill `nodes` whole (see `kill`), start their replacements with the same node ranks, and expect every
+        node to exit 0 with the baseline's final hash `expected`."""
+        self.kill(*nodes, now=now)
+        for i in nodes:
+            self.start(i, name=f"node{i}-replacement")
+        codes = self.finish()
+        assert codes == {i: 0 for i in range(self.nnodes)}, f"exit codes {codes}\n{self.c.logs()}"
+        hashes = self.final_hashes()
+        assert hashes == [expected], f"final hashes {hashes}, baseline {expected}\n{self.c.logs()}"
+
     def crashes(self) -> list[str]:
         """SMP logs with a python traceback: an SMP (or its worker thread) died of a bug."""
         return [f"node {i}" for i in range(self.nnodes) if "Traceback (most recent call last)" in self.c.smp_log(i)]
@@ -180,14 +191,8 @@ def kill_and_replace(cluster: Cluster, golden, *, nnodes: int, victims: tuple[in
     job.start_all()
     job.wait_for_step(kill_at)
     assert effective_nice(cluster.smp_info(survivor)["pid"]) == 10, "the SMP should yield the cores to training"
-    job.kill(*victims)
-    for i in victims:
-        job.start(i, name=f"node{i}-replacement")
-    codes = job.finish()
+    job.replace(*victims, expected=expected)
     out = job.output()
-    assert codes == {i: 0 for i in range(nnodes)}, f"exit codes {codes}\n{cluster.logs()}"
-    hashes = job.final_hashes()
-    assert hashes == [expected], f"final hashes {hashes}, baseline {expected}\n{cluster.logs()}"
     for i in victims:
         assert f"rebuilt node {i}'s snapshot" in cluster.smp_log(i), cluster.logs()
     if AUTOGROUP:  # the survivors served the rebuild at full priority, then yielded again
@@ -265,12 +270,7 @@ def test_a_lagging_group_and_another_each_lose_a_node_and_rebuild_at_the_step_ev
     cluster.wait_until(protection_lags, 120, "protection to lag training by 4 steps", interval=0.1)
     protected, committed = lagging[0]["protected"], lagging[0]["committed"]
     print(f"node 1: committed {committed}, protected {protected}; killing nodes 1 and 3")
-    job.kill(1, 3, now=True)
-    for i in (1, 3):
-        job.start(i, name=f"node{i}-replacement")
-    codes = job.finish()
-    assert codes == {i: 0 for i in range(4)}, f"exit codes {codes}\n{cluster.logs()}"
-    assert job.final_hashes() == [expected], cluster.logs()
+    job.replace(1, 3, expected=expected, now=True)
     assert "EC group [0, 1] with 1 parity" in cluster.smp_log(0), cluster.smp_log(0)
     assert "EC group [2, 3] with 1 parity" in cluster.smp_log(2), cluster.smp_log(2)
     rest = restored(job.output())
@@ -330,12 +330,7 @@ def test_a_leader_lost_while_announcing_a_protected_step_is_rebuilt_at_the_step_
     cluster.wait_until(split_for_a_second, 120, "node 0 to stall between telling node 1 and node 2", interval=0.2)
     _, newer, before = seen[-1]
     print(f"node 1 protects step {newer}, node 2 step {before}: killing nodes 0 and 3")
-    job.kill(0, 3, now=True)
-    for i in (0, 3):
-        job.start(i, name=f"node{i}-replacement")
-    codes = job.finish()
-    assert codes == {i: 0 for i in range(4)}, f"exit codes {codes}\n{cluster.logs()}"
-    assert job.final_hashes() == [expected], cluster.logs()
+    job.replace(0, 3, expected=expected, now=True)
     for i in (0, 3):
         assert f"rebuilt node {i}'s snapshot of step {before}" in cluster.smp_log(i), cluster.logs()
     assert f"rebuilding at step {before}, the newest that every surviving group member keeps and the job's other " \
