@@ -941,6 +941,13 @@ def test_lead_schedule_retries_a_failed_step_with_backoff_but_never_delays_a_new
     assert s.finished(True, 0.0) is None and s.failures == 0
     s.node_restarted()
     assert s.due(6, 0.0), "a node lost its parity: the newest step is protected again"
+    for _ in range(4):  # rounds fail while a node is down ...
+        s.started(6)
+        s.finished(False, 0.0)
+    s.node_restarted()  # ... and it comes back: led at once, and a failure then backs off from the start
+    assert s.due(6, 0.0)
+    s.started(6)
+    assert s.finished(False, 0.0) == RETRY_S
 
 
 # ------------------------------------------------------------------------------------------ parity re-adoption

@@ -21,7 +21,16 @@ log = get_logger("smp")
 
 
 class RebuildError(RuntimeError):
-    """The group cannot rebuild this node (more than f members lost, or peers unreachable)."""
+    """The group cannot rebuild this node (more than f members lost, or peers unreachable).
+
+    `silent`: members that answered when the rebuild began and then stopped (their SMP died or hung), as opposed
+    to members that were gone from the start or refused (they hold nothing of the step). An SMP that died is
+    restarted by its node's launcher with its memory intact, so a rebuild that failed only for them may succeed
+    once they are back."""
+
+    def __init__(self, message: str, silent: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.silent = silent
 
 
 def newest_protected(members: tuple[int, ...], node: int, link_to: Callable[[int], PeerLink | None],
@@ -69,6 +78,7 @@ def rebuild_node(meta: GroupMeta, node: int, data: NodeData, parity: ParityStore
     seg = parity.work(meta.step, layout.parity_bytes(me))
     links = {i: link_to(m) for i, m in enumerate(meta.members) if m != node}
     alive = {i: link for i, link in links.items() if link is not None}
+    silent: list[int] = []  # members that stopped answering mid-way (see RebuildError)
     mine = sorted(set(layout.data_stripes(me)) | set(layout.parity_stripes(me)))
     per_batch = max(1, BATCH_BYTES // layout.chunk_size)  # each member sends at most one chunk per stripe
 
@@ -96,6 +106,8 @@ def rebuild_node(meta: GroupMeta, node: int, data: NodeData, parity: ParityStore
                         blocks.setdefault(t, {})[i] = b
             except (TimeoutError, RuntimeError) as exc:
                 del alive[i]  # lost during the rebuild, or no longer holding the step: the others may suffice
+                if isinstance(exc, TimeoutError):
+                    silent.append(meta.members[i])
                 log.warning("rebuild of step %d goes on without node %d: %s", meta.step, meta.members[i], exc)
         return blocks
 
@@ -106,7 +118,8 @@ def rebuild_node(meta: GroupMeta, node: int, data: NodeData, parity: ParityStore
             except NotEnoughBlocks as exc:
                 lost = [m for i, m in enumerate(meta.members) if i not in blocks.get(t, {}) and m != node]
                 raise RebuildError(f"cannot rebuild node {node}'s snapshot of step {meta.step}: group members "
-                                   f"{lost} are unavailable too, more than f={meta.f} lost ({exc})") from exc
+                                   f"{lost} are unavailable too, more than f={meta.f} lost ({exc})",
+                                   tuple(silent)) from exc
             if me in layout.data_members(t):
                 off, length = layout.data_chunk(t, me)
                 data.write(off, memoryview(block)[:length])

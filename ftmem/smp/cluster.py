@@ -20,7 +20,9 @@ moved rank's payload), which run on one worker thread with its own peer links an
   after announcing a result): a node keeps it, falling back to it if it had learnt of a newer one, and drops
   the other; a node that does not keep it fails the round and drops nothing.
 - **Rebuild.** A node that starts with nothing asks its group for the newest protected step and rebuilds its
-  data and parity before its ranks may restore.
+  data and parity before its ranks may restore. A member whose SMP dies while serving it is restarted by its
+  launcher with its memory intact, so a rebuild that fails only for such members asks the group again (up to
+  REBUILD_ATTEMPTS, within FTMEM_TIMEOUT) once they are back, before it gives up.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import msgpack
 import zmq
@@ -59,6 +61,7 @@ PEER_TIMEOUT_S = max(5.0, 5 * HEARTBEAT_S)  # a peer silent this long (on the cl
 SETTLE_S = PEER_TIMEOUT_S  # how long a leader waits for every node to report the result it announced
 HANDLE_BUDGET_S = 0.2 * HEARTBEAT_S
 PROBE_S = PEER_TIMEOUT_S  # how long the SMP that published this node's id may take to answer, if it lives
+REBUILD_ATTEMPTS = 3  # a rebuild that lost members mid-way (see RebuildError.silent) is tried this often in all
 RETRY_S, RETRY_MAX_S = 1.0, 30.0  # a failed round's step is led again after this, doubling while rounds fail
 EVENTS = "inproc://ftmem-events"
 
@@ -144,8 +147,9 @@ class LeadSchedule:
         return None if ok else self.retry_at - now
 
     def node_restarted(self) -> None:
-        """A node lost its parity: protect the newest committed step again, even one already led."""
-        self.last_led = -1
+        """A node lost its parity: protect the newest committed step again, even one already led, at once (the
+        backoff of rounds that failed before, e.g. while that node was down, does not carry over)."""
+        self.last_led, self.failures, self.retry_at = -1, 0, None
 
 
 class Cluster:
@@ -183,6 +187,7 @@ class Cluster:
         self._absent_warned = False  # that the job lacks nodes (see `_note_absent`)
         self._forged = Throttled(log, "peer messages rejected as not authentic")
         self._rebuild_started = 0.0
+        self._rebuild_attempts = 0
         self.clock = 0.0  # seconds this SMP has been listening to its peers (see `alive`)
         self._last_tick = time.monotonic()
         self.priority = Priority()
@@ -653,7 +658,10 @@ class Cluster:
 
     def _job_rebuild(self, link_to, meta_bytes: bytes, data: NodeData, headers: dict[int, Header]) -> dict:
         meta = GroupMeta.unpack(meta_bytes)
-        rebuild_node(meta, self.node, data, self.parity, link_to, self.d.timeout)
+        try:
+            rebuild_node(meta, self.node, data, self.parity, link_to, self.d.timeout)
+        except RebuildError as exc:
+            return {"ev": "rebuild_failed", "error": f"{type(exc).__name__}: {exc}", "silent": list(exc.silent)}
         problems = verify(data, headers)
         if problems:
             raise RebuildError("rebuilt data fails its checksums: " + "; ".join(problems))
@@ -708,7 +716,7 @@ class Cluster:
         elif kind == "rebuilt":
             self._finish_rebuild(GroupMeta.unpack(ev["meta"]))
         elif kind in ("probe_failed", "rebuild_failed"):
-            self._rebuild_failed(ev["error"])
+            self._rebuild_failed(ev["error"], ev.get("silent", ()))
         elif kind == "transfer_found":
             self.d.transfer_target(ev["rank"], Header.unpack(ev["header"]), lambda buf: self.jobs.put(
                 ("transfer", ev["rank"], ev["step"], ev["source"], buf, ev["header"])))
@@ -742,7 +750,9 @@ class Cluster:
         mine = meta.manifests[meta.members.index(self.node)]
         log.info("rebuilding node %d's snapshot of step %d (%d rank(s), %d bytes) from EC group %s", self.node,
                  meta.step, len(mine), sum(length for _, length, _ in mine), list(meta.members))
-        self._rebuild_started = time.monotonic()
+        if self._rebuild_attempts == 0:
+            self._rebuild_started = time.monotonic()
+        self._rebuild_attempts += 1
         self.d.store.when_ready([(rank, self.d.store.of(rank).buffers[0], HEADER_SIZE + length)
                                  for rank, length, _ in mine],
                                 lambda: self._rebuild_into(meta_bytes, mine),
@@ -760,7 +770,16 @@ class Cluster:
             headers[rank] = header
         self.jobs.put(("rebuild", meta_bytes, NodeData(parts), headers))
 
-    def _rebuild_failed(self, error: str) -> None:
+    def _rebuild_failed(self, error: str, silent: Sequence[int] = ()) -> None:
+        """Give up, unless members stopped answering mid-way and there is time and an attempt left: their SMPs may
+        be back soon with their memory (the probe waits for every member to be alive and to have reported)."""
+        if (silent and self._rebuild_attempts < REBUILD_ATTEMPTS
+                and time.monotonic() - self._rebuild_started < self.d.timeout):
+            log.warning("node %d's rebuild lost group member(s) %s mid-way (%s); asking the group again once they "
+                        "are back (attempt %d of %d)", self.node, list(silent), error, self._rebuild_attempts + 1,
+                        REBUILD_ATTEMPTS)
+            self.jobs.put(("probe",))
+            return
         self.rebuilding, self.rebuild_error = False, error
         log.error("node %d cannot be rebuilt: %s", self.node, error)
         self.d.on_commit_state_changed()
