@@ -21,7 +21,7 @@ import time
 import psutil
 
 from ftmem.chaos.nodes import kill_nodes
-from ftmem.env import NodeEnv, running_smps, runtime_dir
+from ftmem.env import NodeEnv, running_smps, runtime_dir, smp_process
 from ftmem.smp.protocol import ControlClient, SmpError, SmpUnavailable
 
 
@@ -43,19 +43,8 @@ def _job(job: str | None) -> str:
     return job or jobs[0]
 
 
-def _live(info: dict) -> psutil.Process | None:
-    """The SMP an info file names, if it still runs: a file left by a dead SMP may name a pid reused since, and
-    ftmem-chaos ends only the processes of the job. Its command line (`-m ftmem.smp --job-id J --node N`) says."""
-    try:
-        smp = psutil.Process(info["pid"])
-        args = smp.cmdline()
-    except psutil.Error:
-        return None
-    return smp if "ftmem.smp" in args and f"--job-id {info['job']} --node {info['node']}" in " ".join(args) else None
-
-
 def _live_smps(job: str) -> list[dict]:
-    return [info for info in running_smps(job) if _live(info)]
+    return [info for info in running_smps(job) if smp_process(info)]
 
 
 def _smp(job: str, node: int | None, any_node: bool = False) -> dict:
@@ -126,7 +115,7 @@ def kill_smp(job: str, node: int | None, sig: signal.Signals) -> str:
 def _launcher(job: str, node: int) -> int:
     """The pid of the `ftmem-run` that started node `node`'s SMP (still its parent)."""
     info = _smp(job, node)
-    smp = _live(info)
+    smp = smp_process(info)
     if info.get("parent_pid") is None or smp is None or smp.ppid() != info["parent_pid"]:
         raise ChaosError(f"node {node}'s SMP was not started by a running ftmem-run (its launcher is what "
                          f"kill-node kills first); kill-rank and kill-smp still work")

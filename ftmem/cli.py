@@ -15,7 +15,7 @@ import re
 import signal
 import sys
 
-from ftmem.env import NodeEnv, running_smps, runtime_dir
+from ftmem.env import NodeEnv, running_smps, runtime_dir, smp_process
 from ftmem.smp.protocol import ControlClient, SmpError, SmpUnavailable
 from ftmem.smp.shm import list_segments, unlink
 
@@ -45,16 +45,8 @@ def _lock_if_stopped(env: NodeEnv) -> int | None:
     return fd
 
 
-def _running(info: dict) -> bool:
-    fd = _lock_if_stopped(NodeEnv(info["job"], info["node"]))
-    if fd is None:
-        return True
-    os.close(fd)
-    return False
-
-
 def status(job: str | None) -> int:
-    infos = [info for info in running_smps(job) if _running(info)]
+    infos = [info for info in running_smps(job) if smp_process(info)]
     if not infos:
         print(f"no running SMP{' for job ' + job if job else ''} on this machine")
         return 1

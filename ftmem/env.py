@@ -13,6 +13,8 @@ import os
 import re
 from dataclasses import dataclass
 
+import psutil
+
 _SAFE = re.compile(r"[^A-Za-z0-9_-]")
 SMP_LOCKED = 3  # exit code of `python -m ftmem.smp` finding another SMP serving its job and node (holding its lock)
 
@@ -73,9 +75,21 @@ class NodeEnv:
         return os.path.join(runtime_dir(), f"{self.job}.n{self.node}.json")
 
 
+def smp_process(info: dict) -> psutil.Process | None:
+    """The SMP an info file (`running_smps`) names, if it still runs. An info file left by a dead SMP may name a pid
+    reused since, so the process's command line must be the SMP's (`-m ftmem.smp --job-id J --node N`, as the
+    launcher and `connect` start it). Unlike the SMP's lock, this check never gets in the way of an SMP starting."""
+    try:
+        smp = psutil.Process(info["pid"])
+        args = " ".join(smp.cmdline())
+    except (psutil.Error, KeyError, TypeError):
+        return None
+    return smp if "-m ftmem.smp" in args and f"--job-id {info.get('job')} --node {info.get('node')}" in args else None
+
+
 def running_smps(job: str | None = None) -> list[dict]:
     """The info files (`NodeEnv.info_path`) of the SMPs on this machine, of `job` or of every job. An SMP removes
-    its file when it stops; one killed with SIGKILL leaves it (and its pid may be reused since): check liveness."""
+    its file when it stops; one killed with SIGKILL leaves it (and its pid may be reused since): see `smp_process`."""
     infos = []
     for path in sorted(glob.glob(os.path.join(runtime_dir(), f"{job or '*'}.n*.json"))):
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import signal
 import struct
 import time
@@ -115,6 +116,26 @@ def test_a_damaged_descriptor_is_reported_as_corruption_and_dropped(cluster):
     assert steps_of(c, 0) == [[0, 1]]  # the SMP was told: step 1 is gone, a restart tries step 0
 
 
+@pytest.mark.parametrize("entry, says", [
+    (("float32", (17,), 0, 64), r"tensor 'model.w' of shape \(17,\) and torch.float32 cannot fill 64 bytes"),
+    (("load", (16,), 0, 64), r"tensor 'model.w' has no dtype 'load'"),
+    (("float32", (16,), 4096, 64), r"tensor 'model.w' at offset 4096 \(64 bytes\) lies outside the \d+-byte payload"),
+    (("float32", (-16,), 0, 64), r"tensor 'model.w' of shape \(-16,\)"),
+])
+def test_a_consistent_looking_but_wrong_descriptor_is_corruption(cluster, entry, says):
+    """A descriptor that decodes and passes its checksums but does not fit its payload (a writer's bug): a clear
+    CorruptSnapshotError naming the tensor, never a view that fails halfway and leaves the segment unclosable."""
+    cluster.start_smp("--timeout", "30")
+    c = cluster.client()
+    start_job(c, world=1)
+    data = bytes(64)
+    dtype, shape, offset, nbytes = entry
+    desc = Descriptor(0, 1, 0, 1, (TensorEntry("model.w", dtype, shape, offset, nbytes, shape, (0,)),), b"").pack()
+    seg = write_snapshot(c, 0, 0, 1, data + desc, len(data), len(desc))
+    with pytest.raises(CorruptSnapshotError, match=r"snapshot of step 0 for rank 0 is corrupt: " + says):
+        load_segment(seg, 0, 0)
+
+
 # ------------------------------------------------------------------------------ a self-started SMP's start
 
 
@@ -193,6 +214,8 @@ def test_clean_and_status_see_through_a_killed_smp(cluster):
     rc, out = _cli(cluster, "clean", "--job-id", cluster.job)
     assert rc == 1 and "is running; stop the job first" in out, out
     assert cluster.segments() == segments  # nothing of a running SMP is removed
+    rc, out = _cli(cluster, "status", "--job-id", cluster.job)
+    assert rc == 0 and re.search(rf"^{cluster.job} +0 +{smp.pid} +0 ", out, re.M), out  # node 0 committed step 0
     os.kill(smp.pid, signal.SIGKILL)
     smp.wait(timeout=30)
     env = NodeEnv(cluster.job, 0)

@@ -13,6 +13,7 @@ rank that never reaches restore() (stopped, hung) fails the others with an error
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ftmem.log import get_logger
-from ftmem.smp.layout import HEADER_SIZE, BufferState, Descriptor, Header, LayoutError
+from ftmem.smp.layout import HEADER_SIZE, BufferState, Descriptor, Header, LayoutError, TensorEntry
 from ftmem.smp.protocol import ControlClient
 from ftmem.smp.shm import Segment
 from ftmem.snapshot.capture import Stateful, apply_snapshot
@@ -133,6 +134,21 @@ def _agree_ok(error: str | None, ranks: _Ranks) -> None:
         raise RestoreError(f"ftmem: restore failed on rank(s) {failed}: {error or 'see the log of those ranks'}")
 
 
+def _checked_dtype(e: TensorEntry, payload_len: int, what: str) -> torch.dtype:
+    """The entry's dtype, once its range and size are consistent: a descriptor that passed its checksums can still
+    be wrong (a writer's bug), and a view that fails halfway would leave the segment unclosable."""
+    dtype = getattr(torch, e.dtype, None) if isinstance(e.dtype, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise CorruptSnapshotError(f"ftmem: {what} is corrupt: tensor {e.name!r} has no dtype {e.dtype!r}")
+    if not all(type(d) is int and d >= 0 for d in e.shape) or e.nbytes != math.prod(e.shape) * dtype.itemsize:
+        raise CorruptSnapshotError(f"ftmem: {what} is corrupt: tensor {e.name!r} of shape {e.shape} and {dtype} "
+                                   f"cannot fill {e.nbytes} bytes")
+    if not (type(e.offset) is int and 0 <= e.offset and e.offset + e.nbytes <= payload_len):
+        raise CorruptSnapshotError(f"ftmem: {what} is corrupt: tensor {e.name!r} at offset {e.offset} "
+                                   f"({e.nbytes} bytes) lies outside the {payload_len}-byte payload")
+    return dtype
+
+
 def load_segment(name: str, rank: int, step: int) -> tuple[dict[str, torch.Tensor], bytes, int]:
     """Verify and read one rank's snapshot from a shared-memory buffer: (tensors, meta, payload bytes)."""
     seg = Segment.open(name, populate=False)
@@ -158,7 +174,7 @@ def load_segment(name: str, rank: int, step: int) -> tuple[dict[str, torch.Tenso
                                        f"mismatch in {len(bad)} chunk(s) covering {', '.join(hit)}")
         tensors = {}
         for e in desc.entries:
-            dtype = getattr(torch, e.dtype)
+            dtype = _checked_dtype(e, header.payload_len, f"snapshot of step {step} for rank {rank}")
             if e.nbytes:
                 view = torch.frombuffer(seg.buf, dtype=torch.uint8, count=e.nbytes, offset=HEADER_SIZE + e.offset)
                 tensors[e.name] = view.view(dtype).view(e.shape).clone()
