@@ -331,8 +331,9 @@ def test_corrupt_snapshot_is_dropped_when_the_smp_readopts(cluster, golden1):
     assert final_hash(out) == golden1
 
 
-def test_tied_weights_batchnorm_and_frozen_params_restore_bit_identically(cluster):
-    """State the GPT example lacks (tests/train_mixed.py): a crash after step 12, then a rerun from memory."""
+def test_state_the_gpt_example_lacks_restores_bit_identically_in_a_fresh_process(cluster):
+    """Tied weights, BatchNorm, frozen and grad-less params, a module's extra state, a parameter outside the model
+    and a numpy Generator's sampler (tests/train_mixed.py): a crash after step 12, then a rerun from memory."""
     script = [str(Path(__file__).parent / "train_mixed.py"), "20"]
     golden = final_hash(wait_ok(cluster, cluster.python(script, name="mixed-golden")))
     crashed = cluster.python(script, name="mixed-crashed", FTMEM_CRASH_AT="after_local_commit@12",

@@ -186,3 +186,171 @@ def test_a_snapshot_that_does_not_fit_the_live_objects_says_what_differs():
         apply_snapshot(tensors, meta, two, two_opt, {})
     with pytest.raises(KeyError, match="disagree on extra object 'sampler'"):
         apply_snapshot(tensors, meta, *trained(("a",)), {"sampler": Counter()})
+
+
+class _Counting(torch.nn.Module):
+    """A module with state outside its tensors, kept by `get_extra_state` (as a dict, or as a tensor)."""
+
+    def __init__(self, as_tensor: bool) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+        self.as_tensor, self.calls = as_tensor, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.lin(x) * self.calls
+
+    def get_extra_state(self):
+        return torch.tensor([self.calls]) if self.as_tensor else {"calls": self.calls}
+
+    def set_extra_state(self, state) -> None:
+        self.calls = int(state[0]) if self.as_tensor else state["calls"]
+
+
+class _GlobalStepSGD(torch.optim.SGD):
+    """An optimizer keeping state under a key that is no parameter, which its state_dict() keeps."""
+
+    def step(self, closure=None):
+        self.state["updates"] = self.state.get("updates", 0) + 1
+        return super().step(closure)
+
+
+def _extra_state(as_tensor: bool):
+    model = torch.nn.Sequential(_Counting(as_tensor))
+    return model, torch.optim.SGD(model.parameters(), lr=0.1), [], lambda: model[0].calls
+
+
+def _loose_parameter():
+    model, temperature = torch.nn.Linear(2, 2), torch.nn.Parameter(torch.ones(()))
+    return model, torch.optim.Adam([*model.parameters(), temperature]), [temperature], lambda: temperature.item()
+
+
+def _global_optimizer_state():
+    model = torch.nn.Linear(2, 2)
+    opt = _GlobalStepSGD(model.parameters(), lr=0.1)
+    return model, opt, [], lambda: opt.state["updates"]
+
+
+@pytest.mark.parametrize("make", [lambda: _extra_state(False), lambda: _extra_state(True), _loose_parameter,
+                                  _global_optimizer_state],
+                         ids=["extra-state-dict", "extra-state-tensor", "loose-parameter", "global-optimizer-state"])
+def test_state_beyond_the_models_tensors_and_the_optimizers_per_parameter_state_is_restored(make):
+    """A module's `get_extra_state()`, a parameter the optimizer trains outside the model, and optimizer state
+    under a key that is no parameter are training state too: a restore into fresh objects brings them back."""
+    from ftmem.snapshot.capture import apply_snapshot, capture_state
+
+    torch.manual_seed(0)
+    model, opt, loose, probe = make()
+    for _ in range(3):
+        (model(torch.randn(4, 2)).square().mean() * sum(loose, torch.ones(()))).backward()
+        opt.step()
+        opt.zero_grad()
+    captured, meta = capture_state(2, model, opt, {})
+    tensors = {c.name: c.tensor.detach().clone() for c in captured}
+    expected = (probe(), model.state_dict(), opt.state_dict())
+
+    torch.manual_seed(1)
+    fresh, fresh_opt, _, fresh_probe = make()
+    assert apply_snapshot(tensors, meta, fresh, fresh_opt, {}) == 2
+    assert fresh_probe() == expected[0]
+    assert _same(fresh.state_dict(), expected[1]) and _same(fresh_opt.state_dict(), expected[2])
+
+
+def _same(a, b) -> bool:
+    """Equal state: tensors bitwise with their dtype, dicts in any order, tuples and lists by type."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize("changed", [torch.nn.Linear(3, 4).double(), torch.nn.Linear(3, 4, bias=False)],
+                         ids=["dtype", "shape"])
+def test_a_snapshot_is_never_cast_or_broadcast_into_a_changed_model(changed):
+    """copy_ would cast a float32 snapshot into float64 parameters and broadcast a [1, 3] weight into [4, 3]
+    silently: a restore into parameters of another dtype or shape names the tensor instead."""
+    from ftmem.snapshot.capture import apply_snapshot, capture_state
+
+    model = torch.nn.Linear(3, 1, bias=False)
+    captured, meta = capture_state(0, model, torch.optim.SGD(model.parameters(), lr=0.1), {})
+    tensors = {c.name: c.tensor.detach().clone() for c in captured}
+    before = changed.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"snapshot holds model\.weight as float32 \[1, 3\], the live one is "
+                                         rf"{str(changed.weight.dtype).removeprefix('torch.')} \[4, 3\]"):
+        apply_snapshot(tensors, meta, changed, torch.optim.SGD(changed.parameters(), lr=0.1), {})
+    assert torch.equal(changed.weight, before)
+
+
+def _train_step(model: torch.nn.Module, *optimizers: torch.optim.Optimizer) -> None:
+    model(torch.randn(4, 8)).square().mean().backward()
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad()
+
+
+def test_restore_mid_run_commits_the_snapshots_in_flight_first(job_env, monkeypatch):
+    """restore() called again while a snapshot is still being copied (here: held mid-copy) restores that snapshot,
+    not the one before it, and snapshots go on afterwards: the copy no longer commits into the epoch the restore
+    left (the SMP refused it, failing every later step)."""
+    job_env.start_smp()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    opt = torch.optim.Adam(model.parameters())
+    with hook.Snapshotter(model, opt, timeout=30) as snap:
+        assert snap.restore() == 0
+        for step in range(3):
+            _train_step(model, opt)
+            snap.snapshot(step)
+        snap.wait()
+        monkeypatch.setenv("FTMEM_STALL_AT", "mid_copy=0.5")
+        _train_step(model, opt)
+        snap.snapshot(3)
+        expected = {k: v.clone() for k, v in model.state_dict().items()}
+        assert snap.restore() == 4
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+        monkeypatch.delenv("FTMEM_STALL_AT")
+        for step in range(4, 6):
+            _train_step(model, opt)
+            snap.snapshot(step)
+        snap.wait()
+
+
+def test_an_optimizer_in_extra_waits_for_the_copy_too(job_env, monkeypatch):
+    """A second optimizer passed as `extra` (a GAN's discriminator's) changes the model's parameters too: its
+    step waits until the snapshot was copied, or the snapshot holds some parameters of the next step."""
+    job_env.start_smp()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))  # a copy's halves: [0] and [1]
+    first, second = (torch.optim.SGD(model[i].parameters(), lr=0.1) for i in range(2))
+    with hook.Snapshotter(model, first, extra={"second": second}, timeout=30) as snap:
+        assert snap.restore() == 0
+        _train_step(model, first, second)
+        monkeypatch.setenv("FTMEM_STALL_AT", "mid_copy=0.5")
+        snap.snapshot(0)
+        expected = {k: v.clone() for k, v in model.state_dict().items()}
+        model(torch.randn(4, 8)).square().mean().backward()
+        second.step()  # while the copy is held between the halves
+        snap.wait()
+        monkeypatch.delenv("FTMEM_STALL_AT")
+
+    fresh = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    opts = [torch.optim.SGD(fresh[i].parameters(), lr=0.1) for i in range(2)]
+    with hook.Snapshotter(fresh, opts[0], extra={"second": opts[1]}, timeout=30) as snap:
+        assert snap.restore() == 1
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_a_closed_snapshotter_says_so(job_env):
+    """Its copy thread is gone: a snapshot() would be queued for nobody and the next one wait out the timeout with
+    an error blaming the SMP; restore() would re-register a rank that left."""
+    job_env.start_smp()
+    model, opt = _one_tensor()
+    snap = hook.Snapshotter(model, opt, timeout=30)
+    snap.restore()
+    snap.close()
+    for call in (lambda: snap.snapshot(0), snap.restore):
+        with pytest.raises(RuntimeError, match="ftmem: this Snapshotter was closed"):
+            call()

@@ -368,8 +368,44 @@ def test_plain_data_round_trip():
     assert back["bytes"] == b"\x00\xff" and back["od"] == {"k": 1}
     assert back["enum"] == 3 and type(back["enum"]) is int
     assert back["np_scalars"] == [1.5, -3, True]
+    assert [type(x) for x in back["np_scalars"]] == [np.float64, np.int32, np.bool_]
     assert (back["big"], back["neg"], back["empty"], back["empty_list"], back["unicode"]) == \
         (2**63 - 1, -(2**63), (), [], "ünïcode")
+
+
+def test_numpy_scalars_keep_their_dtype_and_so_their_arithmetic():
+    """An np.float32 that came back a Python float would compute in float64 after a restore (numpy 2 keeps
+    `0.9 * np.float32` in float32): the run would no longer be bit-identical."""
+    state = {"ema": np.float32(0.3), "count": np.int64(7), "flag": np.bool_(True), "when": np.datetime64("2024-01-02"),
+             "name": np.str_("shard")}
+    back = serialize.unpack(serialize.pack(state))
+    for key, value in state.items():
+        assert type(back[key]) is type(value) and back[key].dtype == value.dtype and back[key] == value, key
+    assert (0.9 * back["ema"] + 0.07).tobytes() == (0.9 * state["ema"] + 0.07).tobytes()
+
+
+@pytest.mark.parametrize("value", [2**64, -(2**63) - 1, 2**200 + 1, -(2**127), 2**64 - 1, -(2**63)])
+def test_integers_beyond_64_bits_round_trip(value):
+    back = serialize.unpack(serialize.pack({"v": value, "list": [value, (value,)]}))
+    assert back == {"v": value, "list": [value, (value,)]} and type(back["v"]) is int
+
+
+def test_a_numpy_generator_state_round_trips_and_reproduces_draws():
+    """A PCG64 state (numpy's default_rng, which data pipelines keep in their samplers) holds 128-bit integers:
+    msgpack alone refuses them with an OverflowError at every snapshot."""
+    rng = np.random.default_rng(3)
+    rng.random(5)
+    state = rng.bit_generator.state
+    expected = rng.integers(0, 1000, 8)
+    fresh = np.random.default_rng(99)
+    fresh.bit_generator.state = serialize.unpack(serialize.pack(state))
+    np.testing.assert_array_equal(fresh.integers(0, 1000, 8), expected)
+
+
+def test_a_numpy_array_of_python_objects_is_refused_when_snapshotted():
+    """Its bytes are pointers: it would be snapshotted, and every restore would fail decoding it."""
+    with pytest.raises(TypeError, match="ftmem cannot snapshot a numpy array of Python objects"):
+        serialize.pack({"ids": np.array([1, "a", None], dtype=object)})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,

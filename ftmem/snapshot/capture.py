@@ -1,7 +1,8 @@
 """What a snapshot holds, and putting it back.
 
-Tensors (parameters, persistent buffers, optimizer state tensors) are copied byte-for-byte into shared memory.
-Everything else (RNG states, the step, optimizer hyperparameters and scalar state, `extra` objects'
+Tensors (parameters, persistent buffers, optimizer state tensors, and parameters the optimizer trains outside the
+model) are copied byte-for-byte into shared memory. Everything else (RNG states, the step, optimizer
+hyperparameters and scalar state, the model's non-tensor state such as `get_extra_state()`, `extra` objects'
 `state_dict()`) is captured synchronously as plain data and encoded with msgpack.
 """
 
@@ -13,6 +14,7 @@ from typing import Any, Mapping, NamedTuple, Protocol
 
 import numpy as np
 import torch
+from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 
 from ftmem.snapshot import serialize
 
@@ -91,8 +93,11 @@ def capture_state(step: int, model: torch.nn.Module, optimizer: torch.optim.Opti
     names = _param_names(model_state)
     tensors = [Captured(f"model.{name}", t, not isinstance(t, torch.nn.Parameter))
                for name, t in model_state.items() if isinstance(t, torch.Tensor)]
+    model_values = {name: v for name, v in model_state.items() if not isinstance(v, torch.Tensor)}
     scalars = {}
     for _, name, p in _optimizer_slots(optimizer, names):
+        if id(p) not in names:  # trained, but the model does not hold it (e.g. a loss's temperature)
+            tensors.append(Captured(f"param.{name}", p, False))
         state = optimizer.state.get(p)
         if not state:
             continue
@@ -103,7 +108,10 @@ def capture_state(step: int, model: torch.nn.Module, optimizer: torch.optim.Opti
             else:
                 scalars[f"{name}.{key}"] = value
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    meta = serialize.pack({"step": step, "param_groups": groups, "optim_scalars": scalars, "rng": _rng_state(),
+    # state an optimizer keeps under a key that is no parameter (its state_dict() holds it too)
+    global_state = {k: v for k, v in optimizer.state.items() if not isinstance(k, torch.Tensor)}
+    meta = serialize.pack({"step": step, "model_values": model_values, "param_groups": groups,
+                           "optim_scalars": scalars, "optim_global": global_state, "rng": _rng_state(),
                            "extra": {key: obj.state_dict() for key, obj in extra.items()}})
     return tensors, meta
 
@@ -121,16 +129,21 @@ def apply_snapshot(tensors: Mapping[str, torch.Tensor], meta_bytes: bytes, model
     """Load a snapshot into the live objects; returns the step it was taken after.
 
     `tensors` maps entry names to CPU tensors that this function may keep (they are not views of shared memory).
-    Optimizer state goes through `load_state_dict`, which materializes it even before the first step.
+    The model and the optimizer load through their own `load_state_dict` (the model's runs `set_extra_state` and
+    its load hooks; the optimizer's materializes state even before the first step). Tensors must keep their dtype
+    and shape: `copy_` would cast or broadcast a changed model's parameters silently.
     """
     meta = serialize.unpack(meta_bytes)
-    model_state = model.state_dict(keep_vars=True)
+    names = _load_model(model, tensors, meta["model_values"])
+    if len(meta["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"ftmem: the snapshot has {len(meta['param_groups'])} optimizer parameter group(s), the "
+                         f"optimizer {len(optimizer.param_groups)}; was it changed since the snapshot was taken?")
+    by_name = {name: (index, p) for index, name, p in _optimizer_slots(optimizer, names)}
     with torch.no_grad():
-        for name, t in model_state.items():
-            if isinstance(t, torch.Tensor):
-                t.copy_(_require(tensors, f"model.{name}", "tensor"))
-    by_name = {name: (index, p) for index, name, p in _optimizer_slots(optimizer, _param_names(model_state))}
-    state: dict[int, dict[str, Any]] = {}
+        for name, (_, p) in by_name.items():
+            if id(p) not in names:
+                p.copy_(_same_layout(f"param.{name}", _require(tensors, f"param.{name}", "parameter"), p))
+    state: dict[Any, dict[str, Any]] = dict(meta["optim_global"])
     for key, t in tensors.items():
         if key.startswith("optim."):
             pname, skey = key[len("optim."):].rsplit(".", 1)
@@ -139,9 +152,6 @@ def apply_snapshot(tensors: Mapping[str, torch.Tensor], meta_bytes: bytes, model
     for key, value in meta["optim_scalars"].items():
         pname, skey = key.rsplit(".", 1)
         state.setdefault(_require(by_name, pname, "optimizer parameter")[0], {})[skey] = value
-    if len(meta["param_groups"]) != len(optimizer.param_groups):
-        raise ValueError(f"ftmem: the snapshot has {len(meta['param_groups'])} optimizer parameter group(s), the "
-                         f"optimizer {len(optimizer.param_groups)}; was it changed since the snapshot was taken?")
     groups, start = [], 0
     for saved, live in zip(meta["param_groups"], optimizer.param_groups):
         groups.append({**saved, "params": list(range(start, start + len(live["params"])))})
@@ -151,6 +161,31 @@ def apply_snapshot(tensors: Mapping[str, torch.Tensor], meta_bytes: bytes, model
         obj.load_state_dict(_require(meta["extra"], key, "extra object"))
     _set_rng_state(meta["rng"])
     return int(meta["step"])
+
+
+def _load_model(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor],
+                values: Mapping[str, Any]) -> dict[int, str]:
+    """Load the snapshot's model entries (tensors and `values`, its non-tensor ones) after checking that every
+    tensor keeps its dtype and shape; returns `_param_names` of the model."""
+    live = model.state_dict(keep_vars=True)
+    saved = {**values, **{k.removeprefix("model."): t for k, t in tensors.items() if k.startswith("model.")}}
+    for name, t in live.items():
+        value = _require(saved, name, "model entry")
+        if isinstance(t, torch.Tensor) and not name.endswith(_EXTRA_STATE_KEY_SUFFIX):  # extra state may vary
+            _same_layout(f"model.{name}", value, t)
+    model.load_state_dict(saved)  # strict: an entry the model no longer has is an error too
+    return _param_names(live)
+
+
+def _same_layout(name: str, saved: Any, live: torch.Tensor) -> torch.Tensor:
+    """`saved`, once it has `live`'s dtype and shape."""
+    if not isinstance(saved, torch.Tensor) or (saved.dtype, saved.shape) != (live.dtype, live.shape):
+        found = (f"{str(saved.dtype).removeprefix('torch.')} {list(saved.shape)}" if isinstance(saved, torch.Tensor)
+                 else type(saved).__name__)
+        raise ValueError(f"ftmem: the snapshot holds {name} as {found}, the live one is "
+                         f"{str(live.dtype).removeprefix('torch.')} {list(live.shape)}; was the model changed since "
+                         f"the snapshot was taken?")
+    return saved
 
 
 def _require(found: Mapping[str, Any], name: str, what: str) -> Any:

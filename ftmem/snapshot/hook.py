@@ -34,8 +34,10 @@ class Snapshotter:
             snap.snapshot(step)         # returns at once; the copy overlaps the next forward/backward
         snap.close()
 
-    `model` may be wrapped in DDP. `extra` values need `state_dict()`/`load_state_dict()` returning plain data.
-    `every=N` snapshots only steps divisible by N. Works under `ftmem-run`, `torchrun` or plain `python`.
+    `model` may be wrapped in DDP. `extra` values need `state_dict()`/`load_state_dict()` returning plain data; an
+    optimizer among them (a second one) waits for the copy before stepping, as `optimizer` does, since either may
+    change the model's parameters. `every=N` snapshots only steps divisible by N. Works under `ftmem-run`,
+    `torchrun` or plain `python`.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -57,7 +59,8 @@ class Snapshotter:
         self._client = connect(NodeEnv.from_env(), self._timeout)
         self._engine = CopyEngine(self._client, self._rank, self._world, self._local_rank, self._device,
                                   self._timeout)
-        self._hook = optimizer.register_step_pre_hook(lambda *_: self._engine.wait_released())
+        self._hooks = [o.register_step_pre_hook(lambda *_: self._engine.wait_released())
+                       for o in (optimizer, *self._extra.values()) if isinstance(o, torch.optim.Optimizer)]
         self._plan: LayoutPlan | None = None
         self._epoch: int | None = None
         self._closed = False
@@ -69,8 +72,12 @@ class Snapshotter:
     def restore(self) -> int:
         """Load the newest snapshot every rank can restore; return the step to resume at (0 if none).
 
-        Collective: every rank of the job must call it (after `init_process_group` when there are several).
+        Collective: every rank of the job must call it (after `init_process_group` when there are several). Called
+        again mid-run, it first commits the snapshots still being copied: they would race the load, and be refused
+        once it opened a new epoch.
         """
+        self._check_open()
+        self._engine.drain()
         result = restore_rank(self._client, self._rank, self._world, self._local_rank, self._model,
                               self._optimizer, self._extra)
         self._epoch = result.epoch
@@ -78,6 +85,7 @@ class Snapshotter:
 
     def snapshot(self, step: int) -> None:
         """Snapshot the state after optimizer step `step`. Returns once the copy is queued."""
+        self._check_open()
         if step % self._every:
             return
         if self._epoch is None:
@@ -104,13 +112,18 @@ class Snapshotter:
         if self._closed:
             return
         self._closed = True
-        self._hook.remove()
+        for handle in self._hooks:
+            handle.remove()
         try:
             self._engine.drain()
         finally:
             self._engine.close()
             self._client.call("close", rank=self._rank)
             self._client.close()
+
+    def _check_open(self) -> None:
+        if self._closed:  # its copy thread is gone: a snapshot would wait out the timeout, blaming the SMP
+            raise RuntimeError("ftmem: this Snapshotter was closed; create a new one to snapshot or restore again")
 
     def __enter__(self) -> "Snapshotter":
         return self
