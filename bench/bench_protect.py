@@ -795,7 +795,7 @@ def run_dcp(sess: Session, args: argparse.Namespace, fresh_load: bool) -> dict:
 def pipeline_breakdown(share: dict, repeat: int) -> dict[str, float]:
     """Time each step an SMP's encode round applies to its input, on the same bytes, in this process (idle).
 
-    Uses ftmem's own pieces where they exist: NodeData.read (the serving side's copy out of shared memory),
+    Uses ftmem's own pieces where they exist: NodeData.read (the serving side's view of shared memory),
     PeerCodec.pack / unpack (ChaCha20-Poly1305 tag on send and receive), zmq ROUTER/DEALER over tcp loopback in 16 MiB
     replies (send and receive copy=False, as PeerLink does), ftmem.erasure.encode_parity, and the parity
     write into a shared mapping. The round does them one after the other (one member at a time, then encode).
@@ -844,7 +844,7 @@ def pipeline_breakdown(share: dict, repeat: int) -> dict[str, float]:
         for _ in range(repeat):
             replies = []
             for batch in batches:
-                blobs = timed("serve: NodeData.read (copy out of shm)", lambda b=batch: [data.read(o, n) for o, n in b])
+                blobs = timed("serve: NodeData.read (a view of shm)", lambda b=batch: [data.read(o, n) for o, n in b])
                 frames = timed("serve: MAC sign (PeerCodec.pack)",
                                lambda bl=blobs: codec.pack("reply", 1, bl, ok=True, error="", body=b""))
                 replies.append(frames)
@@ -871,8 +871,7 @@ def pipeline_breakdown(share: dict, repeat: int) -> dict[str, float]:
     finally:
         router.close(0)
         dealer.close(0)
-        seg.close()
-        parity.close()
+        parity.close()  # `seg` is unmapped with the last view of it served (zmq frees sent frames on its own thread)
     # each piece: its time summed over one pass, median over the passes; (wall, CPU of this process)
     per_pass = {}
     for name, v in out.items():

@@ -114,6 +114,18 @@ class Job:
 
         self.c.wait_until(seen, timeout, f"step {step}")
 
+    def latest_step(self) -> int:
+        """The newest step a rank printed."""
+        return max(int(s) for s in re.findall(r"^step (\d+) loss", self.output(), re.M))
+
+    def wait_protected(self, node: int, timeout: float = 120) -> None:
+        """Until `node`'s SMP reports a protected step (every node keeps the same one). The first round also
+        allocates every parity slot, and on a machine that the suite loads with two test files at once the niced
+        SMPs may need many steps for it; a node lost before any step is protected cannot be rebuilt, as it must."""
+        client = self.c.client(node, timeout=30.0, retry_interval=5.0)
+        self.c.wait_until(lambda: client.call("status")["protected"] is not None, timeout,
+                          f"node {node} to protect a step", interval=0.2)
+
     def kill(self, *nodes: int, now: bool = False) -> None:
         """Kill `nodes` whole, all at once, as a user would: `ftmem-chaos kill-node`. With `now`, by the same
         library call from this process instead, for a moment that the CLI's start-up (~0.3 s here) would miss."""
@@ -190,6 +202,8 @@ def kill_and_replace(cluster: Cluster, golden, *, nnodes: int, victims: tuple[in
               FTMEM_TIMEOUT=TIMEOUT)
     job.start_all()
     job.wait_for_step(kill_at)
+    job.wait_protected(survivor)
+    kill_at = job.latest_step()  # later than asked for only when protection had not begun by then
     assert effective_nice(cluster.smp_info(survivor)["pid"]) == 10, "the SMP should yield the cores to training"
     job.replace(*victims, expected=expected)
     out = job.output()

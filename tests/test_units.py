@@ -593,6 +593,47 @@ def test_segment_is_created_0600_and_shared(seg_name):
     shm.unlink(seg_name)  # unlinking twice is harmless
 
 
+def _mapped(name: str) -> bool:
+    with open("/proc/self/maps") as f:
+        return any(f"/{name}" in line for line in f)  # "... /dev/shm/NAME (deleted)" once unlinked
+
+
+def test_data_is_served_as_a_view_and_a_closed_segment_stays_mapped_until_its_last_view_goes(seg_name):
+    """Peer replies are sent straight from shared memory: `NodeData.read` of a range inside one rank's payload is
+    a view of the segment, and closing the segment while zmq may still hold such a view neither fails nor pulls
+    the pages from under it; they are unmapped with the last view."""
+    from types import SimpleNamespace
+
+    from ftmem.smp.nodedata import NodeData, Part
+
+    seg = shm.Segment.create(seg_name, HEADER_SIZE + 8192)
+    seg.buf[HEADER_SIZE: HEADER_SIZE + 8192] = bytes(range(256)) * 32
+    data = NodeData([Part(0, SimpleNamespace(segment=seg), 8192)])
+    view = data.read(256, 1024)
+    assert isinstance(view, memoryview) and view == bytes(range(256)) * 4
+    seg.buf[HEADER_SIZE + 256] = 7
+    assert view[0] == 7, "a copy, not a view of the segment"
+    assert data.read(8000, 4096) == (bytes(range(256)) * 32)[8000:], "a range past the end reads short"
+    seg.close()
+    seg.unlink()
+    assert _mapped(seg_name) and view[1] == 1, "closing the segment unmapped a view still in use"
+    with pytest.raises(ValueError, match="closed"):
+        seg.buf
+    seg.close()  # closing twice is harmless
+    del view
+    assert not _mapped(seg_name)
+
+
+def test_a_read_across_two_ranks_payloads_is_joined():
+    from types import SimpleNamespace
+
+    from ftmem.smp.nodedata import NodeData, Part
+
+    segs = [SimpleNamespace(buf=bytearray(HEADER_SIZE) + bytes([r]) * 100) for r in (1, 2)]
+    data = NodeData([Part(r, SimpleNamespace(segment=s), 100) for r, s in zip((2, 1), reversed(segs))])
+    assert data.size == 200 and bytes(data.read(90, 20)) == b"\x01" * 10 + b"\x02" * 10
+
+
 def test_shm_dir_is_configurable(tmp_path, monkeypatch):
     monkeypatch.setenv("FTMEM_SHM_DIR", str(tmp_path))
     seg = shm.Segment.create("ftmem.x.n0.r0.b0.g1", 4096)

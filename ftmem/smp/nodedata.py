@@ -30,13 +30,19 @@ class NodeData:
                 yield part, lo - start, hi - lo, lo - offset
             start += part.length
 
-    def read(self, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset+length) clipped to the data (a chunk past the end reads short)."""
+    def read(self, offset: int, length: int) -> bytes | memoryview:
+        """Bytes [offset, offset+length) clipped to the data (a chunk past the end reads short).
+
+        A range inside one rank's payload (the common case) is a view of its shared memory, not a copy: a peer
+        reply is signed and sent straight from it. The bytes it carries are those the MAC was computed over at
+        the time of the reply (on the event loop, while the buffer held the step); should the buffer be rewritten
+        while zmq still sends them, the requester sees a reply that fails authentication and drops the request
+        (`PeerLink.result`), never a mix of two steps."""
         length = max(0, min(length, self.size - offset))
         spans = list(self._spans(offset, length))
-        if len(spans) == 1 and spans[0][2] == length:  # the common case: one copy, straight out of the segment
+        if len(spans) == 1 and spans[0][2] == length:
             part, off, count, _ = spans[0]
-            return part.buffer.segment.buf[HEADER_SIZE + off: HEADER_SIZE + off + count]
+            return memoryview(part.buffer.segment.buf)[HEADER_SIZE + off: HEADER_SIZE + off + count]
         out = bytearray(length)
         for part, off, count, at in spans:
             base = HEADER_SIZE + off

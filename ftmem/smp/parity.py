@@ -127,11 +127,12 @@ class ParityStore:
                         self._kept[1 - i] = None
                     self._write_record()
 
-    def read(self, step: int, offset: int, length: int) -> bytes:
+    def read(self, step: int, offset: int, length: int) -> memoryview:
+        """A view of `step`'s parity (served without a copy, like snapshot data: see `NodeData.read`)."""
         with self._lock:
             for seg, kept in zip(self._slots, self._kept):
                 if kept is not None and kept[0] == step and seg is not None:
-                    return bytes(seg.buf[offset: offset + length])
+                    return memoryview(seg.buf)[offset: offset + length]
         raise KeyError(f"no parity of step {step}")
 
     def write(self, seg: Segment, offset: int, data: bytes) -> None:

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
-from ftmem.smp.protocol import ProtocolError, decode, encode
+from ftmem.smp.protocol import ProtocolError, decode, encode, loose_id
 
 MAX_PEER_BYTES = 256 << 20
 MAX_HEADER_BYTES = 4 << 20
@@ -155,7 +155,10 @@ class PeerLink:
 
     def result(self, request: tuple[int, str], timeout: float) -> tuple[dict[str, Any], list[bytes]]:
         """Wait for the reply to a submitted request. Results are collected in submission order: replies to later
-        requests that arrive first are kept, those to earlier ones nobody collected (abandoned) are dropped."""
+        requests that arrive first are kept, those to earlier ones nobody collected (abandoned) are dropped.
+        A reply that fails authentication fails the request at once (RuntimeError) instead of being waited
+        out: only the peer answers on this connection, and it serves data without copying it (`NodeData.read`),
+        so such a reply is most likely data its node rewrote while zmq was still sending it."""
         req_id, op = request
         for stale in [i for i in self._early if i < req_id]:
             del self._early[stale]
@@ -169,10 +172,17 @@ class PeerLink:
                     self.close()
                     raise TimeoutError(f"peer {self.endpoint} is gone (no heartbeat) while waiting for {op!r}")
                 continue
-            try:  # data frames stay zmq's buffers (no copy into fresh Python bytes)
-                msg, blobs = self.codec.unpack([f.buffer for f in sock.recv_multipart(copy=False)])
-            except (PeerAuthError, ProtocolError):
+            frames = [f.buffer for f in sock.recv_multipart(copy=False)]  # zmq's buffers: no copy
+            try:
+                msg, blobs = self.codec.unpack(frames)
+            except ProtocolError:
                 continue
+            except PeerAuthError as exc:
+                if 0 < loose_id(bytes(frames[1]) if len(frames) > 1 else b"") < req_id:
+                    continue  # claims to answer an abandoned request (whose buffer may have been reused since)
+                self.close()  # this link's replies cannot be told apart any more
+                raise RuntimeError(f"peer {self.endpoint}'s reply to {op!r} failed authentication ({exc}): a frame "
+                                   f"was corrupted, or the data changed while it was sent") from None
             if msg["op"] != "reply":
                 continue
             if msg["id"] == req_id:

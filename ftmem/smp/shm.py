@@ -50,7 +50,7 @@ class Segment:
         self.size = size
         flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
         try:
-            self._mm = mmap.mmap(fd, size, flags=flags)
+            self._mm: mmap.mmap | None = mmap.mmap(fd, size, flags=flags)
         finally:
             os.close(fd)
 
@@ -86,11 +86,20 @@ class Segment:
 
     @property
     def buf(self) -> mmap.mmap:
+        if self._mm is None:
+            raise ValueError(f"segment {self.name} is closed")
         return self._mm
 
     def close(self) -> None:
-        """Unmap; fails (BufferError) only while exported views still exist, which callers release first."""
-        self._mm.close()
+        """Unmap. Views of it that are still alive (peer replies zmq is still sending, which are served without a
+        copy) keep the pages mapped until the last of them is released; this object is done with it either way."""
+        mm, self._mm = self._mm, None
+        if mm is None:
+            return
+        try:
+            mm.close()
+        except BufferError:
+            pass  # `mm` is unmapped once the last view of it goes
 
     def unlink(self) -> None:
         unlink(self.name)
