@@ -7,8 +7,9 @@ the standard AEAD used as a MAC: a one-time Poly1305 key per message, drawn from
 the nonce. Poly1305 hashes the data frames of an erasure-coding round at about 2.3x keyed BLAKE3's and 3.5x
 HMAC-SHA256's speed per core (bench/bench_mac.py), and every byte of a round is MAC'd twice (sender and
 receiver). The header is a msgpack map with `op`, `id`, `job` and `from` checked against PEER_SCHEMA. A frame
-with a wrong or missing MAC, for another job, oversized or malformed is dropped with a log line (a flood of
-unauthentic ones: see Cluster's use of `Throttled`), before any field of it is used. No pickle.
+with a wrong or missing MAC, for another job, oversized or malformed is dropped by the serving SMP with a log
+line (a flood of unauthentic ones: see Cluster's use of `Throttled`), before any field of it is used; a reply
+that fails authentication fails the request it answers (`PeerLink.result`). No pickle.
 """
 
 from __future__ import annotations
