@@ -15,6 +15,7 @@ import uuid
 import zlib
 from collections import OrderedDict
 from enum import IntEnum
+from types import SimpleNamespace
 
 import msgpack
 import numpy as np
@@ -37,6 +38,7 @@ from ftmem.smp.layout import (
     chunk_size_for,
     pack_entries,
 )
+from ftmem.smp.nodedata import NodeData, Part
 from ftmem.smp.protocol import CONTROL_SCHEMA, MAX_CONTROL_BYTES, ProtocolError, decode, encode
 from ftmem.snapshot import serialize
 from ftmem.snapshot.capture import Captured
@@ -602,10 +604,6 @@ def test_data_is_served_as_a_view_and_a_closed_segment_stays_mapped_until_its_la
     """Peer replies are sent straight from shared memory: `NodeData.read` of a range inside one rank's payload is
     a view of the segment, and closing the segment while zmq may still hold such a view neither fails nor pulls
     the pages from under it; they are unmapped with the last view."""
-    from types import SimpleNamespace
-
-    from ftmem.smp.nodedata import NodeData, Part
-
     seg = shm.Segment.create(seg_name, HEADER_SIZE + 8192)
     seg.buf[HEADER_SIZE: HEADER_SIZE + 8192] = bytes(range(256)) * 32
     data = NodeData([Part(0, SimpleNamespace(segment=seg), 8192)])
@@ -625,10 +623,6 @@ def test_data_is_served_as_a_view_and_a_closed_segment_stays_mapped_until_its_la
 
 
 def test_a_read_across_two_ranks_payloads_is_joined():
-    from types import SimpleNamespace
-
-    from ftmem.smp.nodedata import NodeData, Part
-
     segs = [SimpleNamespace(buf=bytearray(HEADER_SIZE) + bytes([r]) * 100) for r in (1, 2)]
     data = NodeData([Part(r, SimpleNamespace(segment=s), 100) for r, s in zip((2, 1), reversed(segs))])
     assert data.size == 200 and bytes(data.read(90, 20)) == b"\x01" * 10 + b"\x02" * 10
